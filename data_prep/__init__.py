@@ -1,0 +1,1 @@
+"""Data preparation: tokenizer training, corpus tokenization into Megatron-format shards, shard inspection."""

@@ -1,0 +1,436 @@
+"""Tokenize a corpus into Megatron-format shards (.bin/.idx) with a manifest, in parallel and resumably.
+
+The main process reads documents in order, assigns each to train or val by a hash of its text, and sends batches
+to worker processes that run sentencepiece; results are written back in submission order. The output bytes thus
+depend only on the inputs and the settings, never on the number of workers or the batch size.
+
+Crash safety: shards are written under temporary names and renamed when complete; after each finished shard a
+progress record (`.progress.json`) is replaced atomically; `manifest.json` is written last. `--resume` continues
+from the completed shards (re-reading, but not re-tokenizing, the documents they hold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from array import array
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.readers import ON_ERROR, REASONS, CorpusReader, InputError, expand_inputs
+from pretrain import __version__
+from pretrain.fileutil import sha256_file, write_json_atomic
+from pretrain.shards import MANIFEST, MANIFEST_FORMAT, ShardError, ShardInfo, SplitWriter, dtype_for_vocab
+from pretrain.tokenizer import Tokenizer
+
+log = logging.getLogger("data_prep.tokenize")
+
+PROGRESS = ".progress.json"
+LOCK = ".lock"
+SPLITS = ("train", "val")
+SPLIT_RULE = "val iff int.from_bytes(blake2b(utf8(text), digest_size=8, salt=seed as 16 bytes LE), 'little') < val_fraction * 2**64"
+EXIT_INTERRUPTED = 130
+
+
+class OutputError(RuntimeError):
+    """The output directory cannot be used as asked (exists, locked, or does not match a run to resume)."""
+
+
+class AlreadyComplete(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- split rule
+def is_val(data: bytes, val_fraction: float, salt: bytes) -> bool:
+    """The train/val split of one document: a pure function of its text, so it never moves between runs."""
+    h = int.from_bytes(hashlib.blake2b(data, digest_size=8, salt=salt).digest(), "little")
+    return h < val_fraction * 2**64
+
+
+def split_salt(seed: int) -> bytes:
+    return seed.to_bytes(16, "little")
+
+
+# ----------------------------------------------------------------------------------------------- workers
+_worker: dict = {}
+
+
+def _init_worker(model_path: str, dtype: str, add_bos: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
+    tok = Tokenizer(model_path)
+    _worker.update(
+        sp=tok.sp, eod=tok.eod_id, bos=tok.bos_id if add_bos else None, code="H" if dtype == "uint16" else "i"
+    )
+
+
+def encode_batch(batch: dict[str, list[str]]) -> dict[str, tuple[bytes, np.ndarray]]:
+    """Tokenize each split's documents; returns per split the concatenated tokens (with EOD) and the lengths."""
+    sp, eod, bos, code = _worker["sp"], _worker["eod"], _worker["bos"], _worker["code"]
+    out = {}
+    for split, texts in batch.items():
+        if not texts:
+            continue
+        ids = sp.encode(texts, out_type=int)
+        tokens = array(code)
+        lengths = np.empty(len(ids), dtype=np.int32)
+        for i, doc in enumerate(ids):
+            if bos is not None:
+                tokens.append(bos)
+            tokens.extend(doc)
+            tokens.append(eod)
+            lengths[i] = len(doc) + 1 + (bos is not None)
+        if sys.byteorder != "little":
+            tokens.byteswap()
+        out[split] = (tokens.tobytes(), lengths)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- output dir
+def _our_files(out: Path) -> list[Path]:
+    files = [p for p in (out / MANIFEST, out / PROGRESS) if p.exists()]
+    for split in SPLITS:
+        if (out / split).is_dir():
+            files += sorted(p for p in (out / split).iterdir() if p.name.startswith("shard_"))
+    return files
+
+
+def _remove(files: list[Path]) -> None:
+    for p in files:
+        p.unlink(missing_ok=True)
+
+
+def prepare_output(out: Path, fingerprint: dict, *, resume: bool, overwrite: bool) -> dict[str, list[ShardInfo]]:
+    """Make `out` ready for writing; returns the completed shards a resumed run keeps, per split."""
+    done: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    existing = _our_files(out)
+    if not existing:
+        return done
+    if overwrite:
+        _remove(existing)
+        return done
+    if not resume:
+        state = "a complete dataset" if (out / MANIFEST).exists() else "an incomplete dataset"
+        raise OutputError(f"{out}: holds {state}; pass --resume to continue it or --overwrite to start over")
+    if (out / MANIFEST).exists():
+        raise AlreadyComplete(f"{out}: already complete ({MANIFEST} exists); nothing to do")
+    progress = out / PROGRESS
+    if progress.exists():
+        record = json.loads(progress.read_text())
+        old = record["fingerprint"]
+        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if changed:
+            raise OutputError(
+                f"{progress}: cannot resume, these settings differ from the interrupted run: {', '.join(changed)} "
+                "(pass --overwrite to start over)"
+            )
+        for split in SPLITS:
+            for s in record["shards"][split]:
+                info = ShardInfo(**s)
+                for ext, want in ((".bin", info.bin_sha256), (".idx", info.idx_sha256)):
+                    path = out / (info.prefix + ext)
+                    if not path.is_file() or sha256_file(path) != want:
+                        raise OutputError(f"{path}: missing or changed since it was recorded; pass --overwrite")
+                done[split].append(info)
+    keep = {out / (i.prefix + ext) for infos in done.values() for i in infos for ext in (".bin", ".idx")}
+    _remove([p for p in existing if p.parent.name in SPLITS and p not in keep])  # partial shard files
+    return done
+
+
+def lock_output(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OutputError(f"{out}: another tokenize run is writing here") from None
+    return f
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def batches(
+    reader, done_docs: dict[str, int], *, val_fraction: float, seed: int, batch_docs: int, batch_bytes: int, stats: dict
+):
+    """Group documents into batches per split, skipping those already in completed shards (resume)."""
+    salt = split_salt(seed)
+    seen = dict.fromkeys(SPLITS, 0)
+    batch, n, size = {s: [] for s in SPLITS}, 0, 0
+    for doc in reader:
+        data = doc.text.encode("utf-8")
+        split = "val" if is_val(data, val_fraction, salt) else "train"
+        seen[split] += 1
+        stats[split]["documents"] += 1
+        stats[split]["text_bytes"] += len(data)
+        if seen[split] <= done_docs[split]:
+            continue
+        batch[split].append(doc.text)
+        n += 1
+        size += len(data)
+        if n >= batch_docs or size >= batch_bytes:
+            yield batch
+            batch, n, size = {s: [] for s in SPLITS}, 0, 0
+    if n:
+        yield batch
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Tokenize `args.inputs` into `args.output`; returns the manifest written."""
+    t0 = time.perf_counter()
+    paths = expand_inputs(args.inputs)
+    tok = Tokenizer(args.tokenizer)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    out = Path(args.output)
+    tokenizer = tok.describe()
+    settings = {
+        "text_field": args.text_field,
+        "val_fraction": args.val_fraction,
+        "split_seed": args.split_seed,
+        "shard_tokens": args.shard_tokens,
+        "add_bos": args.add_bos,
+        "on_error": args.on_error,
+        "dtype": dtype.name,
+    }
+    inputs = [{"path": str(p), "bytes": p.stat().st_size} for p in paths]
+    fingerprint = {
+        **settings,
+        "tokenizer_sha256": tokenizer["sha256"],
+        "inputs": [{**i, "mtime_ns": p.stat().st_mtime_ns} for i, p in zip(inputs, paths)],
+    }
+    lock = lock_output(out)
+    try:
+        done = prepare_output(out, fingerprint, resume=args.resume, overwrite=args.overwrite)
+        shards = {s: list(done[s]) for s in SPLITS}
+
+        def record_shard(split: str, info: ShardInfo) -> None:
+            shards[split].append(info)
+            write_json_atomic(
+                out / PROGRESS,
+                {"fingerprint": fingerprint, "shards": {s: [asdict(i) for i in shards[s]] for s in SPLITS}},
+            )
+
+        writers = {
+            s: SplitWriter(out, s, dtype, args.shard_tokens, first_index=len(done[s]), on_shard=record_shard)
+            for s in SPLITS
+        }
+        reader = CorpusReader(paths, text_field=args.text_field, on_error=args.on_error)
+        stats = {s: {"documents": 0, "text_bytes": 0} for s in SPLITS}
+        if any(done.values()):
+            log.info("resuming: %s", ", ".join(f"{len(done[s])} {s} shard(s)" for s in SPLITS))
+        try:
+            new_tokens = _tokenize(args, reader, writers, tok, dtype, done, stats)
+            for w in writers.values():
+                w.finish()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        if sum(stats[s]["documents"] for s in SPLITS) == 0:
+            raise InputError(f"no documents in {len(paths)} input file(s): {', '.join(str(p) for p in paths[:5])}")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "tool_version": __version__,
+            "tokenizer": tokenizer,
+            "dtype": dtype.name,
+            "settings": settings,
+            "split_rule": SPLIT_RULE,
+            "inputs": inputs,
+            "skipped": {r: reader.skipped.get(r, 0) for r in REASONS},
+            "splits": {
+                s: {
+                    "documents": sum(i.documents for i in shards[s]),
+                    "tokens": sum(i.tokens for i in shards[s]),
+                    "text_bytes": stats[s]["text_bytes"],
+                    "shards": [asdict(i) for i in shards[s]],
+                }
+                for s in SPLITS
+            },
+        }
+        write_json_atomic(out / MANIFEST, manifest)
+        (out / PROGRESS).unlink(missing_ok=True)
+    finally:
+        lock.close()
+    elapsed = time.perf_counter() - t0
+    if not args.quiet:
+        print_summary(out, manifest, elapsed=elapsed, new_tokens=new_tokens, raw_bytes=reader.total_raw_bytes)
+    return manifest
+
+
+def _tokenize(args, reader, writers, tok, dtype, done, stats) -> int:
+    """The parallel part: batches out to the workers, results back in order to the split writers."""
+    from tqdm import tqdm
+
+    done_docs = {s: sum(i.documents for i in done[s]) for s in SPLITS}
+    gen = batches(
+        reader,
+        done_docs,
+        val_fraction=args.val_fraction,
+        seed=args.split_seed,
+        batch_docs=args.batch_docs,
+        batch_bytes=int(args.batch_mb * 2**20),
+        stats=stats,
+    )
+    bar = tqdm(
+        total=reader.total_raw_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None if not args.quiet else True,
+        desc="tokenize",
+        mininterval=1.0,
+    )
+    t0, tokens, docs, shown = time.perf_counter(), 0, 0, 0
+
+    def consume(result: dict) -> None:
+        nonlocal tokens, docs, shown
+        for split, (data, lengths) in result.items():
+            writers[split].add(data, lengths)
+            tokens += int(lengths.sum(dtype=np.int64))
+            docs += len(lengths)
+        bar.update(reader.raw_bytes_read - shown)
+        shown = reader.raw_bytes_read
+        el = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"{docs / el:,.0f} docs/s, {tokens / el / 1e6:.2f}M tok/s", refresh=False)
+
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(str(tok.path), dtype.name, args.add_bos))
+    try:
+        pending: deque = deque()
+        for batch in gen:
+            pending.append(pool.apply_async(encode_batch, (batch,)))
+            while len(pending) >= 2 * args.workers:
+                consume(pending.popleft().get())
+        while pending:
+            consume(pending.popleft().get())
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+        bar.close()
+    return tokens
+
+
+def print_summary(out: Path, manifest: dict, *, elapsed: float, new_tokens: int, raw_bytes: int) -> None:
+    rows = [("split", "documents", "tokens", "shards", "text MB", "tokens/doc")]
+    for s, e in manifest["splits"].items():
+        rows.append(
+            (
+                s,
+                f"{e['documents']:,}",
+                f"{e['tokens']:,}",
+                str(len(e["shards"])),
+                f"{e['text_bytes'] / 1e6:,.1f}",
+                f"{e['tokens'] / max(e['documents'], 1):,.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    skipped = {k: v for k, v in manifest["skipped"].items() if v}
+    print("skipped:", ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "none")
+    print(
+        f"{elapsed:.1f} s, {new_tokens / elapsed / 1e6:.2f}M tokens/s, {raw_bytes / elapsed / 1e6:.1f} MB/s of input -> {out / MANIFEST}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+EXAMPLES = """
+examples:
+  # a folder of .txt files (one document each), 1% held out for validation
+  python -m data_prep tokenize corpus/ --tokenizer tok/sp.model --output out/mydata
+  # several JSON-lines files, compressed or not, with the text under "content"
+  python -m data_prep tokenize 'dumps/*.jsonl.zst' extra.jsonl.gz --text-field content \\
+      --tokenizer tok/sp.model --output out/web --shard-tokens 500000000
+  # continue a run that was interrupted, or start over
+  python -m data_prep tokenize corpus/ --tokenizer tok/sp.model --output out/mydata --resume
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep tokenize",
+        description="Tokenize text corpora into Megatron-format token shards (.bin/.idx) plus manifest.json.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", help="files, directories or globs (.txt, .jsonl, with .gz or .zst)")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file (from `data_prep train-tokenizer`)")
+    p.add_argument("--output", required=True, help="dataset directory to write (train/, val/, manifest.json)")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs (default: text)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="fraction of documents held out for validation, by hash of their text (default: 0.01)",
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val hash (default: 0)")
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=250_000_000,
+        help="close a shard once it holds this many tokens (default: 250M)",
+    )
+    p.add_argument(
+        "--add-bos", action="store_true", help="prepend the bos id to every document (the eod id is always appended)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=len(os.sched_getaffinity(0)), help="tokenizer processes (default: all cores)"
+    )
+    p.add_argument("--batch-docs", type=int, default=512, help="documents per batch sent to a worker (default: 512)")
+    p.add_argument(
+        "--batch-mb", type=float, default=4.0, help="...or this many MB of text, whichever comes first (default: 4)"
+    )
+    p.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="fail",
+        help="bad input: stop with an error, or skip and count it (default: fail)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its completed shards")
+    g.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --output and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return p
+
+
+def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for name in ("shard_tokens", "workers", "batch_docs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.batch_mb <= 0:
+        p.error(f"--batch-mb must be positive, got {args.batch_mb}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    validate(p, args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except AlreadyComplete as e:
+        print(e)
+    except (InputError, OutputError, ShardError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: completed shards are kept in {args.output}; rerun with --resume to continue", file=sys.stderr
+        )
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

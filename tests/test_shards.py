@@ -1,0 +1,153 @@
+import struct
+
+import numpy as np
+import pytest
+
+from pretrain.shards import (
+    IndexedShard,
+    ShardError,
+    ShardWriter,
+    SplitWriter,
+    dtype_for_vocab,
+    encode_index,
+    shard_prefix,
+)
+
+DOCS = [[5, 6, 7], [8], [9, 10]]
+
+
+def write(tmp_path, docs, dtype):
+    w = ShardWriter(tmp_path / "s", dtype)
+    for d in docs:
+        w.add(np.array(d, dtype=dtype), np.array([len(d)]))
+    return w.finish(tmp_path)
+
+
+@pytest.mark.parametrize("dtype,code,fmt,item", [(np.uint16, 8, "H", 2), (np.int32, 4, "i", 4)])
+def test_three_documents_byte_for_byte(tmp_path, dtype, code, fmt, item):
+    info = write(tmp_path, DOCS, dtype)
+    expected_bin = struct.pack(f"<6{fmt}", 5, 6, 7, 8, 9, 10)
+    expected_idx = (
+        b"MMIDIDX\x00\x00"
+        + struct.pack("<Q", 1)  # version
+        + struct.pack("<B", code)  # dtype code
+        + struct.pack("<Q", 3)  # sequences
+        + struct.pack("<Q", 4)  # document indices (D + 1)
+        + struct.pack("<3i", 3, 1, 2)  # lengths
+        + struct.pack("<3q", 0, 3 * item, 4 * item)  # byte offsets
+        + struct.pack("<4q", 0, 1, 2, 3)  # document indices
+    )
+    assert (tmp_path / "s.bin").read_bytes() == expected_bin
+    assert (tmp_path / "s.idx").read_bytes() == expected_idx
+    assert (info.documents, info.tokens, info.bin_bytes) == (3, 6, 6 * item)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_reader_round_trip(tmp_path):
+    write(tmp_path, DOCS, np.uint16)
+    shard = IndexedShard(tmp_path / "s")
+    assert len(shard) == 3 and shard.num_tokens == 6 and shard.dtype == np.uint16
+    assert [shard[i].tolist() for i in range(3)] == DOCS
+
+
+def test_empty_shard(tmp_path):
+    (tmp_path / "e.bin").write_bytes(b"")
+    (tmp_path / "e.idx").write_bytes(encode_index(np.zeros(0, np.int32), np.uint16))
+    shard = IndexedShard(tmp_path / "e")
+    assert len(shard) == 0 and shard.num_tokens == 0
+
+
+def test_unfinished_writer_leaves_no_final_files(tmp_path):
+    w = ShardWriter(tmp_path / "s", np.uint16)
+    w.add(np.array([1, 2], np.uint16), np.array([2]))
+    assert not (tmp_path / "s.bin").exists() and not (tmp_path / "s.idx").exists()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda b, i: (b, i[:-3]), "bytes, expected"),
+        (lambda b, i: (b, b"XXIDIDX\x00\x00" + i[9:]), "bad magic"),
+        (lambda b, i: (b[:-2], i), "index expects"),
+        (lambda b, i: (b, i[:9] + struct.pack("<Q", 2) + i[17:]), "unsupported version"),
+        (lambda b, i: (b, i[:17] + b"\x63" + i[18:]), "unknown dtype code"),
+        (lambda b, i: (b, i[: 34 + 12 + 8] + struct.pack("<q", 4) + i[34 + 12 + 16 :]), "byte offset of sequence 1"),
+    ],
+)
+def test_corrupt_shards_are_refused(tmp_path, corrupt, message):
+    write(tmp_path, DOCS, np.uint16)
+    b, i = corrupt((tmp_path / "s.bin").read_bytes(), (tmp_path / "s.idx").read_bytes())
+    (tmp_path / "s.bin").write_bytes(b)
+    (tmp_path / "s.idx").write_bytes(i)
+    with pytest.raises(ShardError, match=message):
+        IndexedShard(tmp_path / "s")
+
+
+def test_missing_file_named(tmp_path):
+    write(tmp_path, DOCS, np.uint16)
+    (tmp_path / "s.bin").unlink()
+    with pytest.raises(ShardError, match=r"s\.bin: missing"):
+        IndexedShard(tmp_path / "s")
+
+
+def test_dtype_for_vocab():
+    assert dtype_for_vocab(32000) == np.uint16
+    assert dtype_for_vocab(65536) == np.uint16
+    assert dtype_for_vocab(65537) == np.int32
+
+
+def split_writer_run(root, lengths, batch_sizes):
+    """Feed documents with the given lengths (token value = document number) in batches of varying size."""
+    infos = []
+    w = SplitWriter(root, "train", np.dtype(np.uint16), shard_tokens=10, on_shard=lambda s, i: infos.append(i))
+    docs = [np.full(n, k, dtype=np.uint16) for k, n in enumerate(lengths)]
+    i = 0
+    for b in batch_sizes:
+        chunk = docs[i : i + b]
+        if chunk:
+            w.add(np.concatenate(chunk).tobytes(), np.array([len(d) for d in chunk]))
+        i += b
+    w.finish()
+    return infos
+
+
+def test_split_writer_breaks_shards_independently_of_batching(tmp_path):
+    lengths = [3, 4, 2, 7, 1, 1, 12, 5, 5, 2]
+    a = split_writer_run(tmp_path / "a", lengths, [1] * len(lengths))
+    b = split_writer_run(tmp_path / "b", lengths, [4, 3, 3])
+    c = split_writer_run(tmp_path / "c", lengths, [10])
+    # Shard closes at the first document that brings it to >= 10 tokens: [3,4,2,7] [1,1,12] [5,5] [2]
+    assert [i.documents for i in a] == [4, 3, 2, 1]
+    assert [i.tokens for i in a] == [16, 14, 10, 2]
+    for other in (b, c):
+        assert [(i.documents, i.tokens, i.bin_sha256, i.idx_sha256) for i in other] == [
+            (i.documents, i.tokens, i.bin_sha256, i.idx_sha256) for i in a
+        ]
+    shard = IndexedShard(shard_prefix(tmp_path / "a", "train", 1))
+    assert [shard[k][0] for k in range(3)] == [4, 5, 6]
+
+
+def test_megatron_reads_ours_and_we_read_megatrons(tmp_path):
+    torch = pytest.importorskip("torch")
+    indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 32000, size=rng.integers(1, 50)).astype(np.uint16) for _ in range(40)]
+    w = ShardWriter(tmp_path / "ours", np.uint16)
+    w.add(np.concatenate(docs), np.array([len(d) for d in docs]))
+    w.finish(tmp_path)
+    theirs = indexed.IndexedDataset(str(tmp_path / "ours"))
+    assert len(theirs) == 40
+    assert all(np.array_equal(theirs[i], docs[i]) for i in range(40))
+    assert theirs.document_indices.tolist() == list(range(41))
+
+    builder = indexed.IndexedDatasetBuilder(str(tmp_path / "meg.bin"), dtype=np.uint16)
+    for d in docs:
+        builder.add_item(torch.from_numpy(d.astype(np.int64)))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "meg.idx"))
+    shard = IndexedShard(tmp_path / "meg")
+    assert len(shard) == 40 and all(np.array_equal(shard[i], docs[i]) for i in range(40))
+    assert (tmp_path / "meg.idx").read_bytes() == (tmp_path / "ours.idx").read_bytes()
+    assert (tmp_path / "meg.bin").read_bytes() == (tmp_path / "ours.bin").read_bytes()

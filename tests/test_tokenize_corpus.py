@@ -1,0 +1,251 @@
+import gzip
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zstandard
+
+from data_prep.tokenize_corpus import is_val, split_salt
+from pretrain.shards import IndexedShard, manifest_shards, read_manifest, verify_dataset
+
+from .conftest import TRICKY, dataset_files, tokenize, write_jsonl
+
+
+def decoded_documents(out, tokenizer):
+    """Every document of a dataset decoded, per split, in order, with the EOD checked and removed."""
+    manifest = read_manifest(out)
+    docs = {}
+    for split, shards in manifest_shards(manifest).items():
+        docs[split] = []
+        for info in shards:
+            shard = IndexedShard(out / info.prefix)
+            for i in range(len(shard)):
+                ids = shard[i]
+                assert ids[-1] == tokenizer.eod_id
+                docs[split].append(tokenizer.decode(ids[:-1]))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, speeches):
+    """A jsonl corpus of real speeches (cut into paragraphs-sized documents) and tricky strings."""
+    texts = list(TRICKY)
+    for p in speeches[:40]:
+        paragraphs = p.read_text(encoding="utf-8").split("\n\n")
+        texts += ["\n\n".join(paragraphs[i : i + 3]) for i in range(0, len(paragraphs), 3)]
+    path = write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", texts)
+    return path, texts
+
+
+def test_round_trip_real_text(tmp_path, corpus, tokenizer, tokenizer_path):
+    path, texts = corpus
+    out = tmp_path / "ds"
+    assert tokenize([path], out, tokenizer_path, "--val-fraction", "0.1", "--shard-tokens", "20000") == 0
+    docs = decoded_documents(out, tokenizer)
+    salt = split_salt(0)
+    expected = {"train": [], "val": []}
+    for t in texts:
+        expected["val" if is_val(t.encode(), 0.1, salt) else "train"].append(t)
+    assert docs == expected
+    assert len(expected["val"]) > 10 and len(expected["train"]) > 10 * len(expected["val"]) // 2
+    manifest = read_manifest(out)
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    assert manifest["splits"]["train"]["documents"] == len(expected["train"])
+    assert verify_dataset(out) == []
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name == ".progress.json"]
+
+
+def test_identical_bytes_for_any_workers_and_batch_size(tmp_path, corpus, tokenizer_path):
+    path, _ = corpus
+    runs = {
+        "w1": ["--workers", "1"],
+        "w2": ["--workers", "2"],
+        "w2_batch1": ["--workers", "2", "--batch-docs", "1"],
+        "w3_small_mb": ["--workers", "3", "--batch-docs", "1000", "--batch-mb", "0.01"],
+    }
+    results = {}
+    for name, extra in runs.items():
+        assert tokenize([path], tmp_path / name, tokenizer_path, "--shard-tokens", "30000", *extra) == 0
+        results[name] = dataset_files(tmp_path / name)
+    reference = results.pop("w1")
+    assert len([k for k in reference if k.endswith(".bin")]) > 3
+    for name, files in results.items():
+        assert files == reference, name  # every shard and the manifest, byte for byte
+
+
+def test_split_is_stable(tmp_path, corpus):
+    _, texts = corpus
+    salt = split_salt(0)
+    rule = {t: is_val(t.encode(), 0.2, salt) for t in texts}
+    assert 0.1 < sum(rule.values()) / len(rule) < 0.3
+    # a document's split depends on its text alone: not on its neighbours, its position, or the fraction's
+    # other documents; raising the fraction only moves documents from train to val.
+    assert all(is_val(t.encode(), 0.2, salt) == v for t, v in reversed(list(rule.items())))
+    assert all(is_val(t.encode(), 0.3, salt) for t, v in rule.items() if v)
+    assert any(is_val(t.encode(), 0.2, split_salt(1)) != v for t, v in rule.items())
+
+
+def test_split_of_a_document_survives_corpus_changes(tmp_path, corpus, tokenizer, tokenizer_path):
+    path, texts = corpus
+    a = tmp_path / "a"
+    assert tokenize([path], a, tokenizer_path, "--val-fraction", "0.2") == 0
+    shuffled = list(reversed(texts[5:]))  # drop some, reorder the rest
+    b_in = write_jsonl(tmp_path / "b.jsonl", shuffled)
+    assert tokenize([b_in], tmp_path / "b", tokenizer_path, "--val-fraction", "0.2") == 0
+    da, db = decoded_documents(a, tokenizer), decoded_documents(tmp_path / "b", tokenizer)
+    assert set(db["val"]) == set(da["val"]) & set(shuffled)
+    assert set(db["train"]) == set(da["train"]) & set(shuffled)
+
+
+def test_zstd_and_gzip_inputs_give_the_same_shards(tmp_path, corpus, tokenizer_path):
+    path, _ = corpus
+    raw = path.read_bytes()
+    outs = {}
+    for name, data in {
+        "corpus.jsonl": raw,
+        "corpus.jsonl.zst": zstandard.ZstdCompressor(level=3).compress(raw),
+        "corpus.jsonl.gz": gzip.compress(raw),
+    }.items():
+        (tmp_path / name).write_bytes(data)
+        assert tokenize([tmp_path / name], tmp_path / f"out_{name}", tokenizer_path) == 0
+        files = dataset_files(tmp_path / f"out_{name}")
+        outs[name] = {k: v for k, v in files.items() if k != "manifest.json"}
+    assert outs["corpus.jsonl.zst"] == outs["corpus.jsonl"] == outs["corpus.jsonl.gz"]
+
+
+def test_text_files_and_dtype(tmp_path, speeches, tokenizer, tokenizer_path):
+    out = tmp_path / "ds"
+    assert tokenize(speeches[:5], out, tokenizer_path, "--val-fraction", "0", "--add-bos") == 0
+    manifest = read_manifest(out)
+    assert manifest["dtype"] == "uint16" and manifest["settings"]["add_bos"]
+    shard = IndexedShard(out / "train" / "shard_00000")
+    assert shard.dtype == np.uint16 and len(shard) == 5
+    for i, p in enumerate(speeches[:5]):
+        ids = shard[i]
+        assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eod_id
+        assert tokenizer.decode(ids[1:-1]) == p.read_text(encoding="utf-8")
+    assert manifest["splits"]["val"] == {"documents": 0, "tokens": 0, "text_bytes": 0, "shards": []}
+
+
+def test_bad_input_fails_by_default_and_skips_on_request(tmp_path, tokenizer_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", ["a fine document"] * 5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": broken\n{"nope": 1}\n{"text": ""}\n', encoding="utf-8")
+    out = tmp_path / "ds"
+    assert tokenize([good, bad], out, tokenizer_path) == 1
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: malformed JSON" in err and "--on-error=skip" in err
+    assert not (out / "manifest.json").exists()
+    assert tokenize([good, bad], out, tokenizer_path, "--on-error", "skip", "--overwrite") == 0
+    manifest = read_manifest(out)
+    assert {k: v for k, v in manifest["skipped"].items() if v} == {
+        "malformed_json": 1,
+        "missing_field": 1,
+        "empty_document": 1,
+    }
+    assert sum(manifest["splits"][s]["documents"] for s in ("train", "val")) == 6
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: [d / "missing.jsonl"], "missing.jsonl: no such file or directory"),
+        (lambda d: [d / "empty.jsonl"], "no documents in 1 input file"),
+        (lambda d: [str(d / "*.none")], "matches no supported file"),
+    ],
+)
+def test_missing_and_empty_inputs(tmp_path, tokenizer_path, capsys, setup, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert tokenize(setup(tmp_path), tmp_path / "ds", tokenizer_path) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_existing_output_refused_unless_resume_or_overwrite(tmp_path, corpus, tokenizer_path, capsys):
+    path, _ = corpus
+    out = tmp_path / "ds"
+    assert tokenize([path], out, tokenizer_path) == 0
+    before = dataset_files(out)
+    assert tokenize([path], out, tokenizer_path) == 1
+    assert "holds a complete dataset; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert tokenize([path], out, tokenizer_path, "--resume") == 0  # already complete: nothing to do
+    assert dataset_files(out) == before
+    assert tokenize([path], out, tokenizer_path, "--overwrite", "--shard-tokens", "10000") == 0
+    assert dataset_files(out) != before
+
+
+def run_cli(args, **kw):
+    cmd = [sys.executable, "-m", "data_prep", "tokenize", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def kill_after_shards(args, out, min_shards, sig=signal.SIGKILL, timeout=60.0):
+    """Start the CLI and send `sig` once its progress record lists more than `min_shards` shards."""
+    proc = run_cli(args)
+    progress = out / ".progress.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            n = sum(len(v) for v in json.loads(progress.read_text())["shards"].values())
+        except (FileNotFoundError, json.JSONDecodeError):
+            n = 0
+        if n > min_shards:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    return proc.returncode, n
+
+
+def test_resume_after_kill_gives_identical_output(tmp_path, speeches, tokenizer_path):
+    common = [
+        "--tokenizer",
+        tokenizer_path,
+        "--shard-tokens",
+        "15000",
+        "--workers",
+        "2",
+        "--quiet",
+        "--batch-docs",
+        "4",
+    ]
+    inputs = speeches[:120]
+    ref = tmp_path / "ref"
+    assert run_cli([*inputs, *common, "--output", ref]).wait() == 0
+    reference = dataset_files(ref)
+    out = tmp_path / "ds"
+    code, n1 = kill_after_shards([*inputs, *common, "--output", out], out, 0)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "manifest.json").exists()  # an interrupted run never looks complete
+    # without a flag the incomplete output is refused; --resume continues, and is killed once more
+    proc = run_cli([*inputs, *common, "--output", out])
+    assert proc.wait() == 1 and b"incomplete dataset" in proc.stderr.read()
+    code, n2 = kill_after_shards([*inputs, *common, "--output", out, "--resume"], out, n1)
+    assert code == -signal.SIGKILL and n2 > n1
+    proc = run_cli([*inputs, *common, "--output", out, "--resume"])
+    assert proc.wait() == 0, proc.stderr.read()
+    assert dataset_files(out) == reference
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, speeches, tokenizer_path):
+    common = ["--tokenizer", tokenizer_path, "--shard-tokens", "15000", "--quiet", "--batch-docs", "4"]
+    out = tmp_path / "ds"
+    code, _ = kill_after_shards([*speeches[:120], *common, "--output", out], out, 0)
+    assert code == -signal.SIGKILL
+    proc = run_cli([*speeches[:120], *common, "--output", out, "--resume", "--val-fraction", "0.5"])
+    assert proc.wait() == 1
+    assert b"differ from the interrupted run: val_fraction" in proc.stderr.read()
+
+
+def test_ctrl_c_exits_130_and_resumes(tmp_path, speeches, tokenizer_path):
+    common = ["--tokenizer", tokenizer_path, "--shard-tokens", "15000", "--quiet", "--batch-docs", "4"]
+    out = tmp_path / "ds"
+    code, _ = kill_after_shards([*speeches[:120], *common, "--output", out], out, 0, sig=signal.SIGINT)
+    assert code == 130
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))
+    assert run_cli([*speeches[:120], *common, "--output", out, "--resume"]).wait() == 0
+    assert verify_dataset(out) == []
