@@ -64,3 +64,35 @@ def dataset_files(out: Path) -> dict[str, bytes]:
     """Every shard file and the manifest of a dataset, by relative path."""
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in (".lock",))
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in files}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, speeches, tokenizer_path) -> Path:
+    """Shards of 40 speeches (about 0.5M tokens with the 2000-piece tokenizer), 5% held out."""
+    out = tmp_path_factory.mktemp("data") / "sotu40"
+    assert tokenize(speeches[:40], out, tokenizer_path, "--val-fraction", "0.05", "--shard-tokens", "100000") == 0
+    return out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(tokenizer_path: Path, dataset: Path, run_dir: Path) -> list[str]:
+    """Config overrides for a small, fast training run on the tiny dataset."""
+    return [
+        f"data.tokenizer={tokenizer_path}",
+        f"data.datasets=[{dataset}]",
+        f"train.run_dir={run_dir}",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.seq_len=32",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-2",
+        "train.threads=1",
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,287 @@
+"""The run configuration: typed sections, loaded from YAML, overridden by dotted `key=value` arguments.
+
+    cfg = load_config("launch/configs/demo.yaml", ["train.max_steps=100", "optim.lr=3e-4"])
+
+Precedence is command line > YAML file > the defaults below. Every key is checked: an unknown key, a value of the
+wrong type or outside its range is a `ConfigError` that names the key (`optim.lr: ...`). Functions receive the
+section they need (`Transformer(cfg.model)`), never the whole run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not acceptable; the message starts with the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int | None = None  # None: the tokenizer's vocab size; the embedding is padded (pad_vocab_multiple)
+    pad_vocab_multiple: int = 64  # embedding rows are rounded up to a multiple of this (fast matmuls)
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # grouped-query attention; None: n_heads (multi-head attention)
+    ffn_dim: int | None = None  # SwiGLU hidden size; None: 8/3 * d_model rounded up to a multiple of 256
+    seq_len: int = 2048  # tokens per training sample (and the longest context)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    init_std: float = 0.02  # std of weights; residual output projections use init_std / sqrt(2 * n_layers)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+
+
+@dataclass
+class DatasetSpec:
+    path: str  # a dataset directory from `data_prep tokenize` (with manifest.json), or a Megatron .bin/.idx prefix
+    weight: float = 1.0  # share of training samples drawn from it (normalised over all datasets)
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    tokenizer: str = ""  # the sentencepiece .model the shards were made with (checked against their manifests)
+    seed: int = 1234  # the data order is a pure function of (seed, sample number)
+    val_datasets: list[DatasetSpec] | None = None  # None: the val split of each dataset directory
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # learning rate at the end of the decay
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 2000  # linear warmup from 0 to lr
+    decay_steps: int | None = None  # steps from the end of warmup to min_lr; None: until train.max_steps
+    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of decay_steps decays linearly, before it lr is flat
+    weight_decay: float = 0.1  # applied to matmul weights only, never to norms or biases
+    decay_embeddings: bool = False  # also decay the embedding (and an untied output head)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"  # resolved config, DeepSpeed JSON and TensorBoard logs go here
+    ds_config: str = "ds_configs/zero1.json"  # engine settings only; batch keys are derived and injected
+    global_batch_seqs: int | None = None  # sequences per optimizer step, over all ranks (or global_batch_tokens)
+    global_batch_tokens: int | None = None  # tokens per optimizer step; must be a multiple of model.seq_len
+    micro_batch_seqs: int = 1  # sequences per forward/backward on one rank; accumulation is derived
+    max_steps: int = 1000
+    max_tokens: int | None = None  # also stop once this many tokens were trained on
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    seed: int = 0  # model initialisation
+    eval_every: int = 500  # steps between evaluations; 0 disables
+    eval_batches: int = 20  # global batches of the validation set per evaluation
+    peak_flops_per_device: float | None = None  # for MFU; None: known GPUs by name, on CPU a matmul measured at start
+    threads: int | None = None  # torch intra-op threads per process; None: torch's default
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # steps between console lines and TensorBoard scalars
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Range checks, by dotted key: (predicate, what it must be).
+CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "model.d_model": (lambda v: v > 0, "positive"),
+    "model.n_layers": (lambda v: v > 0, "positive"),
+    "model.n_heads": (lambda v: v > 0, "positive"),
+    "model.seq_len": (lambda v: v > 0, "positive"),
+    "model.pad_vocab_multiple": (lambda v: v > 0, "positive"),
+    "model.init_std": (lambda v: v > 0, "positive"),
+    "optim.lr": (lambda v: v > 0, "positive"),
+    "optim.min_lr": (lambda v: v >= 0, "non-negative"),
+    "optim.warmup_steps": (lambda v: v >= 0, "non-negative"),
+    "optim.weight_decay": (lambda v: v >= 0, "non-negative"),
+    "optim.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.grad_clip": (lambda v: v >= 0, "non-negative"),
+    "optim.wsd_decay_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.micro_batch_seqs": (lambda v: v > 0, "positive"),
+    "train.max_steps": (lambda v: v > 0, "positive"),
+    "train.eval_every": (lambda v: v >= 0, "non-negative"),
+    "train.eval_batches": (lambda v: v > 0, "positive"),
+    "logging.log_every": (lambda v: v > 0, "positive"),
+}
+
+
+def _convert(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp` (converting where it is lossless) or raise naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not any of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and tp is DatasetSpec:
+            value = {"path": value}  # a bare path is a dataset of weight 1
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {tp}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{key}: unknown key{hint}")
+        kwargs[k] = _convert(key, v, hints[k])
+    obj = cls(**kwargs)
+    for name in names:
+        key = f"{prefix}.{name}" if prefix else name
+        value = getattr(obj, name)
+        if key in CHECKS and value is not None and not CHECKS[key][0](value):
+            raise ConfigError(f"{key}: {value!r} must be {CHECKS[key][1]}")
+    return obj
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` strings -> (key, value); values are parsed as YAML (numbers, booleans, lists, null)."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: an override is key=value, e.g. train.max_steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {raw!r} ({e})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    cfg = _build(RunConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that span keys."""
+    m, t = cfg.model, cfg.train
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads: {m.n_heads} does not divide model.d_model {m.d_model}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model.n_heads: head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
+    kv = m.n_kv_heads or m.n_heads
+    if kv <= 0 or m.n_heads % kv:
+        raise ConfigError(f"model.n_kv_heads: {kv} must divide model.n_heads {m.n_heads}")
+    if (t.global_batch_seqs is None) == (t.global_batch_tokens is None):
+        raise ConfigError(
+            "train.global_batch_seqs: set exactly one of train.global_batch_seqs, train.global_batch_tokens"
+        )
+    if t.global_batch_tokens is not None and t.global_batch_tokens % m.seq_len:
+        raise ConfigError(
+            f"train.global_batch_tokens: {t.global_batch_tokens} is not a multiple of model.seq_len {m.seq_len}"
+        )
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets: no dataset given")
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer: no tokenizer given")
+    for i, d in enumerate(cfg.data.datasets + (cfg.data.val_datasets or [])):
+        if d.weight <= 0:
+            raise ConfigError(f"data.datasets[{i}].weight: {d.weight} must be positive")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr {cfg.optim.lr}")
+
+
+def global_batch_seqs(t: TrainConfig, seq_len: int) -> int:
+    return t.global_batch_seqs if t.global_batch_seqs is not None else t.global_batch_tokens // seq_len
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,217 @@
+"""Training samples from token shards: packing, a deterministic global order, blending, per-rank slicing.
+
+- A split of a dataset is one token stream: its shards' documents concatenated in order (each ends with EOD).
+- Packing: sample i of a stream is the window of seq_len + 1 tokens starting at token i * seq_len (inputs are the
+  first seq_len, targets the last seq_len); windows cross document boundaries, as in GPT-style pretraining.
+- Order: a dataset's k-th sample is window perm_e[k mod n], where n is its number of windows, e = k // n its
+  epoch and perm_e a permutation seeded by (seed, dataset number, e): every epoch is reshuffled.
+- Blending: global sample number g is assigned to a dataset by stride scheduling: dataset d's k-th sample sits at
+  position (k + 0.5) / w_d and samples are taken in order of position, ties to the lower d. Any prefix of n
+  samples then holds n * w_d samples of dataset d to within one, and the assignment of a range of sample numbers
+  is computed directly, without materialising an index over the whole run.
+- Step s consumes global samples [s * G, (s + 1) * G); rank r of W takes the contiguous G / W of them and cuts
+  them into micro-batches. Everything is a pure function of (seed, sample number), so a run resumes at any
+  step on any number of ranks and sees exactly the samples it has not seen yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.config import DatasetSpec
+from pretrain.shards import IndexedShard, ShardError, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used by this run; the message names the dataset and the config key."""
+
+
+class TokenStream:
+    """The shards of one split, read as one sequence of tokens."""
+
+    def __init__(self, prefixes: list[Path], name: str):
+        self.name = name
+        self.shards = [IndexedShard(p) for p in prefixes]
+        sizes = [s.num_tokens for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.num_tokens = int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while filled < length:
+            shard = self.shards[i]
+            offset = start + filled - int(self.starts[i])
+            n = min(length - filled, shard.num_tokens - offset)
+            out[filled : filled + n] = shard.tokens[offset : offset + n]
+            filled += n
+            i += 1
+        return out
+
+
+def open_stream(spec: DatasetSpec, split: str, *, tokenizer: dict, key: str) -> TokenStream:
+    """A dataset directory's split (checked against the run's tokenizer), or a bare Megatron prefix."""
+    path = Path(spec.path)
+    if path.is_dir():
+        try:
+            manifest = read_manifest(path)
+        except ShardError as e:
+            raise DataError(f"{key}: {e}") from None
+        made_with = manifest["tokenizer"]
+        if made_with["sha256"] != tokenizer["sha256"] or made_with["vocab_size"] != tokenizer["vocab_size"]:
+            raise DataError(
+                f"{key}: {path} was tokenized with {made_with['path']} (sha256 {made_with['sha256'][:12]}..., "
+                f"vocab {made_with['vocab_size']}), but data.tokenizer is {tokenizer['path']} (sha256 "
+                f"{tokenizer['sha256'][:12]}..., vocab {tokenizer['vocab_size']}); re-tokenize or fix data.tokenizer"
+            )
+        entry = manifest["splits"].get(split)
+        if entry is None or not entry["shards"]:
+            raise DataError(f"{key}: {path} has no '{split}' shards")
+        prefixes = [path / s["prefix"] for s in entry["shards"]]
+        name = f"{path}:{split}"
+    elif path.with_suffix(".idx").is_file() or Path(str(path) + ".idx").is_file():
+        prefixes, name = [path], str(path)
+    else:
+        raise DataError(f"{key}: {path} is neither a dataset directory (with manifest.json) nor a .bin/.idx prefix")
+    try:
+        stream = TokenStream(prefixes, name)
+    except ShardError as e:
+        raise DataError(f"{key}: {e}") from None
+    if not path.is_dir():  # no manifest vouches for the ids: check them once
+        top = max((int(s.tokens.max()) for s in stream.shards if s.num_tokens), default=0)
+        if top >= tokenizer["vocab_size"]:
+            raise DataError(f"{key}: {path} holds token id {top}, outside the vocab of {tokenizer['vocab_size']}")
+    return stream
+
+
+class PackedDataset:
+    """Windows of seq_len + 1 tokens over a stream, in a reshuffled order every epoch."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, *, seed: int, index: int):
+        self.stream, self.seq_len, self.seed, self.index = stream, seq_len, seed, index
+        self.num_samples = (stream.num_tokens - 1) // seq_len
+        self._orders: dict[int, np.ndarray] = {}
+        if self.num_samples < 1:
+            raise DataError(f"{stream.name}: {stream.num_tokens} tokens is less than one sample of {seq_len + 1}")
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of windows for one epoch (the last two are kept)."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.seed, self.index, epoch]).permutation(self.num_samples)
+        return self._orders[epoch]
+
+    def window_of(self, k: int) -> int:
+        return int(self.order(k // self.num_samples)[k % self.num_samples])
+
+    def sample(self, k: int) -> np.ndarray:
+        """This dataset's k-th sample: (seq_len + 1,) int64."""
+        return self.stream.read(self.window_of(k) * self.seq_len, self.seq_len + 1)
+
+
+def _positions(weight: float, k: np.ndarray) -> np.ndarray:
+    return (k + 0.5) / weight
+
+
+def _count_at(weight: float, x: float) -> int:
+    """How many of a dataset's samples have position <= x (with the same float arithmetic as _positions)."""
+    c = max(int(np.floor(x * weight + 0.5)), 0)
+    while _positions(weight, np.array([c]))[0] <= x:
+        c += 1
+    while c > 0 and _positions(weight, np.array([c - 1]))[0] > x:
+        c -= 1
+    return c
+
+
+def blend(weights: np.ndarray, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset number and per-dataset sample number of global samples [start, start + count)."""
+    d = len(weights)
+    if d == 1:
+        return np.zeros(count, dtype=np.int64), np.arange(start, start + count, dtype=np.int64)
+    x_lo, x_hi = start - d, start + count + d  # at most `start` samples lie at or before x_lo, enough before x_hi
+    first = [_count_at(w, x_lo) for w in weights]
+    last = [_count_at(w, x_hi) for w in weights]
+    ks = [np.arange(lo, hi, dtype=np.int64) for lo, hi in zip(first, last)]
+    pos = np.concatenate([_positions(w, k) for w, k in zip(weights, ks)])
+    ds = np.concatenate([np.full(len(k), i, dtype=np.int64) for i, k in enumerate(ks)])
+    kk = np.concatenate(ks)
+    order = np.lexsort((ds, pos))
+    skip = start - sum(first)
+    take = order[skip : skip + count]
+    return ds[take], kk[take]
+
+
+@dataclass
+class BatchPlan:
+    global_batch: int  # sequences per optimizer step, all ranks
+    micro_batch: int  # sequences per forward/backward on one rank
+    rank: int
+    world_size: int
+
+    def __post_init__(self):
+        per_rank, rem = divmod(self.global_batch, self.world_size)
+        if rem or per_rank % self.micro_batch:
+            raise DataError(
+                f"train.global_batch_seqs: {self.global_batch} sequences do not split into {self.world_size} rank(s) x "
+                f"micro-batches of {self.micro_batch} (train.micro_batch_seqs)"
+            )
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.world_size * self.micro_batch)
+
+    def rank_range(self, step: int) -> tuple[int, int]:
+        """The global sample numbers [start, stop) this rank consumes at `step`."""
+        per_rank = self.global_batch // self.world_size
+        start = step * self.global_batch + self.rank * per_rank
+        return start, start + per_rank
+
+
+class BlendedDataset:
+    """Datasets blended by weight; `batch(step, plan)` gives this rank's micro-batches for an optimizer step."""
+
+    def __init__(self, datasets: list[PackedDataset], weights: list[float]):
+        self.datasets = datasets
+        w = np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
+
+    def samples(self, start: int, stop: int) -> np.ndarray:
+        ds, ks = blend(self.weights, start, stop - start)
+        return np.stack([self.datasets[d].sample(int(k)) for d, k in zip(ds, ks)])
+
+    def batch(self, step: int, plan: BatchPlan) -> list[np.ndarray]:
+        """(micro_batch, seq_len + 1) int64 arrays, plan.grad_accum of them."""
+        start, stop = plan.rank_range(step)
+        x = self.samples(start, stop)
+        return [x[i : i + plan.micro_batch] for i in range(0, len(x), plan.micro_batch)]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(d.num_samples for d in self.datasets)
+
+
+def build_dataset(
+    specs: list[DatasetSpec], split: str, *, seq_len: int, seed: int, tokenizer: dict, key: str
+) -> BlendedDataset:
+    datasets = []
+    for i, spec in enumerate(specs):
+        stream = open_stream(spec, split, tokenizer=tokenizer, key=f"{key}[{i}]")
+        datasets.append(PackedDataset(stream, seq_len, seed=seed, index=i))
+        log.info(
+            "%s: %s, %d tokens, %d samples of %d",
+            key,
+            stream.name,
+            stream.num_tokens,
+            datasets[-1].num_samples,
+            seq_len,
+        )
+    return BlendedDataset(datasets, [s.weight for s in specs])

@@ -1,0 +1,243 @@
+"""The one place that talks to DeepSpeed for training.
+
+    engine = Engine(model, cfg.optim, cfg.train, global_batch=G)
+    stats = engine.train_step(micro_batches, lr)     # one optimizer step over this rank's micro-batches
+    loss = engine.eval_step(micro_batches)
+
+`build_ds_config` reads the engine settings from a ds_configs/*.json file (ZeRO stage, offload, communication)
+and injects what the run derives: batch sizes (gradient accumulation = global / (micro * world size)), gradient
+clipping, precision and the AdamW optimizer. A JSON that sets one of these keys to a different value stops the run
+with a message naming the key; "auto" is replaced.
+
+DeepSpeed's contract is hidden here: backward() scales the loss by the accumulation, step() is called after every
+micro-batch and only updates the weights at the accumulation boundary. The learning rate is set on the
+optimizer's parameter groups before each step from a pure function of the step (`lr_at`), so there is no
+scheduler state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+
+from pretrain.config import ConfigError, OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- lr schedule
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to lr, then the schedule down to min_lr.
+
+    cosine: min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2, p = progress through decay_steps
+    linear: lr - (lr - min_lr) * p
+    wsd:    lr until the last wsd_decay_fraction of decay_steps, then linear to min_lr
+    constant: lr
+    After decay_steps it stays at min_lr.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    decay_steps = cfg.decay_steps if cfg.decay_steps is not None else max(max_steps - cfg.warmup_steps, 1)
+    p = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    span = cfg.lr - cfg.min_lr
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + span * 0.5 * (1.0 + math.cos(math.pi * p))
+    if cfg.schedule == "linear":
+        return cfg.lr - span * p
+    flat = 1.0 - cfg.wsd_decay_fraction  # wsd
+    return cfg.lr if p <= flat else cfg.lr - span * (p - flat) / cfg.wsd_decay_fraction
+
+
+# ----------------------------------------------------------------------------------------------- ds config
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if get_accelerator().device_name() == "cuda" else "fp32"
+
+
+def build_ds_config(
+    path: str | Path, *, train: TrainConfig, optim: OptimConfig, global_batch: int, world_size: int, precision: str
+) -> dict:
+    """The DeepSpeed config: the JSON's engine settings plus the keys this run derives (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"train.ds_config: {path} not found")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.ds_config: {path} is not valid JSON ({e})") from None
+    micro = train.micro_batch_seqs
+    per_rank, rem = divmod(global_batch, world_size)
+    if rem or per_rank % micro:
+        raise ConfigError(
+            f"train.global_batch_seqs: a global batch of {global_batch} sequences does not split into {world_size} "
+            f"rank(s) x micro-batches of {micro} (train.micro_batch_seqs); make it a multiple of {world_size * micro}"
+        )
+    on_cpu = get_accelerator().device_name() == "cpu"
+    derived = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": per_rank // micro,
+        "gradient_clipping": optim.grad_clip,
+    }
+    for key, value in derived.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise ConfigError(
+                f"train.ds_config: {path} sets {key}={ds[key]!r} but the run derives {value!r} "
+                '(batch sizes and clipping come from the run config; remove the key or set it to "auto")'
+            )
+        ds[key] = value
+    for key in ("bf16", "fp16"):
+        section = ds.get(key, {})
+        if section.get("enabled") not in (None, "auto", precision == key):
+            raise ConfigError(
+                f"train.ds_config: {path} sets {key}.enabled={section['enabled']} but train.precision is {precision}"
+            )
+        ds[key] = {**section, "enabled": precision == key}
+    if "optimizer" in ds:
+        raise ConfigError(
+            f"train.ds_config: {path} sets 'optimizer'; the optimizer comes from the run config's optim section"
+        )
+    params = {"lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps, "weight_decay": optim.weight_decay}
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if on_cpu and not offload:
+        params["torch_adam"] = True  # torch's AdamW on CPU: no C++ extension to compile
+    ds["optimizer"] = {"type": "AdamW", "params": params}
+    ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs; keep DeepSpeed's periodic prints quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """AdamW groups: weight decay on matmul weights (2-D, not embeddings unless configured), none on the rest."""
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = name.startswith("tok_embeddings") or name.startswith("output")
+        (decay if p.ndim >= 2 and (optim.decay_embeddings or not is_embedding) else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
+    """Peak FLOP/s of one device for MFU: configured, known from the GPU's name, or measured (CPU matmul)."""
+    if configured:
+        return configured, "configured"
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in KNOWN_PEAKS.items():
+            if key in name:
+                return value, f"{name} dense bf16"
+        log.warning("unknown GPU %r: set train.peak_flops_per_device for MFU; measuring a matmul instead", name)
+    return measure_matmul_flops(), "measured fp32 matmul"
+
+
+# Dense bf16 peak FLOP/s from the vendors' datasheets.
+KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
+    """The best FLOP/s of an n^3 fp32 matmul on the current device, with the current number of threads."""
+    device = get_accelerator().current_device_name()
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        get_accelerator().synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        get_accelerator().synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------------------------- engine
+@dataclass
+class StepStats:
+    loss: torch.Tensor  # mean loss over this rank's micro-batches (not reduced across ranks)
+    grad_norm: torch.Tensor | float | None  # global gradient norm before clipping
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, train: TrainConfig, *, global_batch: int):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.precision = resolve_precision(train.precision)
+        self.ds_config = build_ds_config(
+            train.ds_config,
+            train=train,
+            optim=optim,
+            global_batch=global_batch,
+            world_size=self.world_size,
+            precision=self.precision,
+        )
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, optim), config=self.ds_config
+        )
+        self.device = self.ds.device
+        self.zero_stage = self.ds.zero_optimization_stage()
+        self.grad_accum = self.ds.gradient_accumulation_steps()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _loss(self, batch) -> torch.Tensor:
+        tokens = torch.as_tensor(batch, device=self.device)
+        logits = self.ds(tokens[:, :-1])  # (micro, seq, vocab)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    def train_step(self, micro_batches: list, lr: float) -> StepStats:
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(f"{len(micro_batches)} micro-batches, the engine accumulates {self.grad_accum}")
+        self.set_lr(lr)
+        self.ds.train()
+        total = torch.zeros((), device=self.device)
+        grad_norm = None
+        for batch in micro_batches:
+            loss = self._loss(batch)
+            self.ds.backward(loss)
+            if self.zero_stage == 0 and self.ds.is_gradient_accumulation_boundary():
+                grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads)  # gradients are averaged across ranks by now
+            self.ds.step()
+            total += loss.detach()
+        if self.zero_stage > 0:
+            grad_norm = self.ds.get_global_grad_norm()
+        return StepStats(loss=total / len(micro_batches), grad_norm=grad_norm)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list) -> torch.Tensor:
+        self.ds.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            total += self._loss(batch)
+        return total / len(micro_batches)
+
+    def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().clone().float()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world_size
+        return value

@@ -1,0 +1,82 @@
+"""Writing metrics on rank 0: TensorBoard scalars and text, `metrics.jsonl` (one JSON object per logged step,
+for scripts), and console lines.
+
+metrics.py knows how to write and how to turn timings into throughput; the trainer decides what to log and when.
+Scalars arrive as Python floats: the trainer reads tensors (`.item()`) only at log steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("pretrain")
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, *, rank: int, tensorboard: bool):
+        self.rank = rank
+        self.writer = None
+        self.jsonl = None
+        self.logdir = Path(run_dir) / "tensorboard"
+        if rank == 0:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(self.logdir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        values = {k: v for k, v in values.items() if v is not None}
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def console(self, line: str) -> None:
+        if self.rank == 0:
+            log.info(line)
+
+    def flush(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def throughput(
+    *, tokens: int, seconds: float, flops_per_token: int, world_size: int, peak_flops: float
+) -> dict[str, float]:
+    """tokens/s over all ranks, achieved TFLOP/s per device and MFU (model FLOPs / peak)."""
+    tokens_per_sec = tokens / seconds
+    flops_per_device = tokens_per_sec * flops_per_token / world_size
+    return {
+        "perf/tokens_per_sec": tokens_per_sec,
+        "perf/tflops_per_device": flops_per_device / 1e12,
+        "perf/mfu": flops_per_device / peak_flops,
+    }
+
+
+def memory_gib() -> float:
+    """Peak accelerator memory allocated on CUDA; the process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30

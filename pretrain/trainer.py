@@ -1,0 +1,178 @@
+"""The training loop: build the parts from a RunConfig, then step, log and evaluate until a limit is reached.
+
+    Trainer(load_config("launch/configs/demo.yaml")).fit()
+
+Runs the same under `deepspeed`, `torchrun` and plain `python` (one process): the distributed environment is
+whatever the launcher set, with single-process defaults otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from pretrain.config import ConfigError, RunConfig, global_batch_seqs, to_yaml
+from pretrain.data import BatchPlan, build_dataset
+from pretrain.engine import Engine, lr_at, peak_flops_per_device
+from pretrain.fileutil import write_bytes_atomic, write_json_atomic
+from pretrain.generate import greedy
+from pretrain.metrics import Metrics, memory_gib, throughput
+from pretrain.model import Transformer
+from pretrain.tokenizer import Tokenizer
+
+log = logging.getLogger("pretrain")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher describes (or a group of one); returns (rank, world size)."""
+    if "RANK" not in os.environ:  # plain `python`: a process group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed()
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = Path(cfg.train.run_dir)
+
+        self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        tok = self.tokenizer.describe()
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        elif cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {self.tokenizer.vocab_size}"
+            )
+        seq_len = cfg.model.seq_len
+        self.global_batch = global_batch_seqs(cfg.train, seq_len)
+        self.plan = BatchPlan(self.global_batch, cfg.train.micro_batch_seqs, self.rank, self.world_size)
+        self.train_data = build_dataset(
+            cfg.data.datasets, "train", seq_len=seq_len, seed=cfg.data.seed, tokenizer=tok, key="data.datasets"
+        )
+        self.val_data = None
+        if cfg.train.eval_every:
+            specs, key = (
+                (cfg.data.val_datasets, "data.val_datasets")
+                if cfg.data.val_datasets
+                else (cfg.data.datasets, "data.datasets")
+            )
+            self.val_data = build_dataset(specs, "val", seq_len=seq_len, seed=cfg.data.seed + 1, tokenizer=tok, key=key)
+            self.eval_batches = min(cfg.train.eval_batches, self.val_data.num_samples // self.global_batch)
+            if self.eval_batches < cfg.train.eval_batches:
+                log.warning(
+                    "the validation set holds %d samples: evaluating %d batch(es), not %d",
+                    self.val_data.num_samples,
+                    self.eval_batches,
+                    cfg.train.eval_batches,
+                )
+            if self.eval_batches == 0:
+                self.val_data = None
+
+        model = Transformer(cfg.model)
+        model.init_weights(cfg.train.seed)
+        self.flops_per_token = model.flops_per_token(seq_len)
+        self.num_params = model.num_params()
+        self.engine = Engine(model, cfg.optim, cfg.train, global_batch=self.global_batch)
+        self.peak_flops, peak_source = peak_flops_per_device(cfg.train.peak_flops_per_device)
+        self.metrics = Metrics(self.run_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.run_dir / "config.yaml", to_yaml(cfg).encode())
+            write_json_atomic(self.run_dir / "ds_config.json", self.engine.ds_config)
+            self.metrics.text("config", "```\n" + to_yaml(cfg) + "```")
+        self.metrics.console(
+            f"model {self.num_params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token | "
+            f"{self.world_size} rank(s) on {get_accelerator().device_name()}, ZeRO {self.engine.zero_stage}, "
+            f"{self.engine.precision} | global batch {self.global_batch} x {seq_len} tokens, micro {cfg.train.micro_batch_seqs}, "
+            f"accumulation {self.engine.grad_accum} | peak {self.peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
+        )
+
+    def done(self, step: int) -> bool:
+        t = self.cfg.train
+        return step >= t.max_steps or (
+            t.max_tokens is not None and step * self.global_batch * self.cfg.model.seq_len >= t.max_tokens
+        )
+
+    def fit(self) -> dict:
+        """Train until max_steps / max_tokens; returns the last logged scalars."""
+        step, last = 0, {}
+        window_start, window_steps = time.perf_counter(), 0
+        while not self.done(step):
+            lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+            stats = self.engine.train_step(self.train_data.batch(step, self.plan), lr)
+            step += 1
+            window_steps += 1
+            final = self.done(step)
+            if step % self.cfg.logging.log_every == 0 or final:
+                seconds = time.perf_counter() - window_start
+                last = self.log_step(step, stats, lr, seconds, window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            if self.val_data is not None and (step % self.cfg.train.eval_every == 0 or final):
+                last.update(self.evaluate(step))
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+        self.metrics.close()
+        return last
+
+    def log_step(self, step: int, stats, lr: float, seconds: float, steps: int) -> dict:
+        loss = self.engine.mean_across_ranks(stats.loss).item()
+        grad_norm = stats.grad_norm.item() if isinstance(stats.grad_norm, torch.Tensor) else stats.grad_norm
+        tokens = steps * self.global_batch * self.cfg.model.seq_len
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/step_time": seconds / steps}
+        values.update(
+            throughput(
+                tokens=tokens,
+                seconds=seconds,
+                flops_per_token=self.flops_per_token,
+                world_size=self.world_size,
+                peak_flops=self.peak_flops,
+            )
+        )
+        values["perf/memory_gib"] = memory_gib()
+        values["train/tokens_seen"] = float(step * self.global_batch * self.cfg.model.seq_len)
+        self.metrics.scalars(step, values)
+        gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
+        self.metrics.console(
+            f"step {step}/{self.cfg.train.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn} | "
+            f"{values['perf/tokens_per_sec']:,.0f} tok/s | {values['perf/tflops_per_device'] * 1e3:.1f} GFLOP/s/device | "
+            f"MFU {values['perf/mfu'] * 100:.1f}% | {values['perf/step_time']:.3f} s/step | mem {values['perf/memory_gib']:.2f} GiB"
+        )
+        return values
+
+    def evaluate(self, step: int) -> dict:
+        total = torch.zeros((), device=self.engine.device)
+        for b in range(self.eval_batches):
+            total += self.engine.eval_step(self.val_data.batch(b, self.plan))
+        loss = self.engine.mean_across_ranks(total / self.eval_batches).item()
+        values = {"eval/loss": loss, "eval/ppl": float(torch.exp(torch.tensor(loss)))}
+        self.metrics.scalars(step, values)
+        self.metrics.console(f"eval step {step} | loss {loss:.4f} | ppl {values['eval/ppl']:.2f}")
+        self.metrics.flush()
+        return values
+
+    def sample(self, prompt: str, max_new_tokens: int = 40) -> str:
+        """A greedy continuation of `prompt` (every rank must call this together under ZeRO-3)."""
+        self.engine.ds.eval()
+        ids = greedy(
+            self.engine.ds,
+            self.tokenizer.encode(prompt),
+            max_new_tokens=max_new_tokens,
+            max_len=self.cfg.model.seq_len,
+            vocab_size=self.tokenizer.vocab_size,
+            eod_id=self.tokenizer.eod_id,
+            device=self.engine.device,
+        )
+        return self.tokenizer.decode(ids)

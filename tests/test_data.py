@@ -1,0 +1,150 @@
+import json
+
+import numpy as np
+import pytest
+
+from pretrain.config import DatasetSpec
+from pretrain.data import BatchPlan, BlendedDataset, DataError, PackedDataset, TokenStream, blend, build_dataset
+from pretrain.shards import ShardWriter
+
+
+def make_shards(root, docs_per_shard):
+    """Shards whose tokens count up 0, 1, 2, ... across shard boundaries; returns their prefixes."""
+    prefixes, next_token = [], 0
+    for i, doc_lengths in enumerate(docs_per_shard):
+        w = ShardWriter(root / f"s{i}", np.uint16)
+        n = sum(doc_lengths)
+        w.add(np.arange(next_token, next_token + n, dtype=np.uint16), np.array(doc_lengths))
+        w.finish(root)
+        prefixes.append(root / f"s{i}")
+        next_token += n
+    return prefixes
+
+
+@pytest.fixture
+def stream(tmp_path):
+    return TokenStream(make_shards(tmp_path, [[10, 5], [7], [20, 3, 2]]), "counting")  # 47 tokens
+
+
+def test_stream_reads_across_shards(stream):
+    assert stream.num_tokens == 47
+    assert stream.read(0, 47).tolist() == list(range(47))
+    assert stream.read(13, 12).tolist() == list(range(13, 25))  # spans all three shards
+
+
+def test_packing_windows_and_epoch_reshuffle(stream):
+    ds = PackedDataset(stream, seq_len=8, seed=0, index=0)
+    assert ds.num_samples == (47 - 1) // 8 == 5
+    windows = {tuple(ds.sample(k).tolist()) for k in range(5)}
+    assert windows == {tuple(range(i * 8, i * 8 + 9)) for i in range(5)}  # every window once per epoch
+    epoch0 = [ds.window_of(k) for k in range(5)]
+    epoch1 = [ds.window_of(k) for k in range(5, 10)]
+    assert sorted(epoch1) == sorted(epoch0) == list(range(5)) and epoch0 != epoch1
+    again = PackedDataset(stream, seq_len=8, seed=0, index=0)
+    assert [again.window_of(k) for k in range(10)] == epoch0 + epoch1  # a pure function of (seed, k)
+    other = PackedDataset(stream, seq_len=8, seed=1, index=0)
+    assert [other.window_of(k) for k in range(10)] != epoch0 + epoch1
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rank_slices_are_disjoint_and_complete(world_size):
+    G, micro = 12, 2
+    seen = []
+    for rank in range(world_size):
+        plan = BatchPlan(G, micro, rank, world_size)
+        assert plan.grad_accum == G // (world_size * micro)
+        for step in range(5):
+            start, stop = plan.rank_range(step)
+            seen += list(range(start, stop))
+    assert sorted(seen) == list(range(5 * G))
+
+
+def test_batch_arithmetic_that_does_not_divide():
+    with pytest.raises(DataError, match="12 sequences do not split into 5 rank"):
+        BatchPlan(12, 2, 0, 5)
+    with pytest.raises(DataError, match="micro-batches of 5"):
+        BatchPlan(12, 5, 0, 2)
+
+
+def test_batches_per_rank_concatenate_to_the_global_batch(stream):
+    data = BlendedDataset([PackedDataset(stream, 4, seed=3, index=0)], [1.0])
+    whole = np.concatenate(data.batch(2, BatchPlan(6, 6, 0, 1)))
+    parts = [np.concatenate(data.batch(2, BatchPlan(6, 1, r, 3))) for r in range(3)]
+    assert np.array_equal(np.concatenate(parts), whole) and whole.shape == (6, 5)
+
+
+def test_blend_proportions_exact_to_one_sample():
+    w = np.array([0.6, 0.25, 0.15])
+    ds, ks = blend(w, 0, 20_000)
+    for d in range(3):
+        counts = np.cumsum(ds == d)
+        assert np.abs(counts - np.arange(1, 20_001) * w[d]).max() <= 1.0
+        assert np.array_equal(np.sort(ks[ds == d]), np.arange((ds == d).sum()))  # each dataset in its own order
+    pieces = [blend(w, s, 333) for s in range(0, 19_980, 333)]  # any range, computed alone, agrees
+    assert np.array_equal(np.concatenate([p[0] for p in pieces]), ds[: len(pieces) * 333])
+    assert np.array_equal(np.concatenate([p[1] for p in pieces]), ks[: len(pieces) * 333])
+    far_ds, _ = blend(w, 10**12, 1000)  # far into a run: no index over the whole run needed
+    assert np.abs(np.bincount(far_ds, minlength=3) - 1000 * w).max() <= 2
+
+
+def test_blended_dataset_draws_by_weight(tmp_path):
+    (tmp_path / "a").mkdir()
+    a = TokenStream(make_shards(tmp_path / "a", [[100]]), "a")
+    b_root = tmp_path / "b"
+    b_root.mkdir()
+    w = ShardWriter(b_root / "s", np.uint16)
+    w.add(np.full(100, 999, dtype=np.uint16), np.array([100]))
+    w.finish(b_root)
+    b = TokenStream([b_root / "s"], "b")
+    data = BlendedDataset([PackedDataset(a, 4, seed=0, index=0), PackedDataset(b, 4, seed=0, index=1)], [3, 1])
+    x = data.samples(0, 400)
+    from_b = (x[:, 0] == 999).sum()
+    assert from_b == 100  # exactly a quarter
+
+
+def test_megatron_written_files_are_read(tmp_path):
+    torch = pytest.importorskip("torch")
+    indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    builder = indexed.IndexedDatasetBuilder(str(tmp_path / "meg.bin"), dtype=np.int32)
+    for n in (30, 12, 50):
+        builder.add_item(torch.arange(n, dtype=torch.int64) + 7)
+        builder.end_document()
+    builder.finalize(str(tmp_path / "meg.idx"))
+    tok = {"path": "t", "sha256": "x", "vocab_size": 100}
+    data = build_dataset(
+        [DatasetSpec(str(tmp_path / "meg"))], "train", seq_len=10, seed=0, tokenizer=tok, key="data.datasets"
+    )
+    assert data.num_samples == (92 - 1) // 10
+    stream = data.datasets[0].stream
+    assert stream.read(0, 92).tolist() == list(range(7, 37)) + list(range(7, 19)) + list(range(7, 57))
+    with pytest.raises(DataError, match=r"data.datasets\[0\]: .*meg holds token id 56, outside the vocab of 50"):
+        build_dataset(
+            [DatasetSpec(str(tmp_path / "meg"))],
+            "train",
+            seq_len=10,
+            seed=0,
+            tokenizer={**tok, "vocab_size": 50},
+            key="data.datasets",
+        )
+
+
+def test_dataset_errors_name_the_key(tmp_path, tiny_dataset, tokenizer):
+    tok = tokenizer.describe()
+    spec = [DatasetSpec(str(tiny_dataset))]
+    assert build_dataset(spec, "train", seq_len=32, seed=0, tokenizer=tok, key="data.datasets").num_samples > 1000
+    with pytest.raises(DataError, match=r"data.datasets\[0\]: .*nowhere is neither a dataset directory"):
+        build_dataset(
+            [DatasetSpec(str(tmp_path / "nowhere"))], "train", seq_len=32, seed=0, tokenizer=tok, key="data.datasets"
+        )
+    other = {**tok, "sha256": "0" * 64, "path": "other.model"}
+    with pytest.raises(
+        DataError, match=r"data.datasets\[0\]: .* was tokenized with .* but data.tokenizer is other.model"
+    ):
+        build_dataset(spec, "train", seq_len=32, seed=0, tokenizer=other, key="data.datasets")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="manifest.json: missing"):
+        build_dataset(
+            [DatasetSpec(str(tmp_path / "empty"))], "train", seq_len=32, seed=0, tokenizer=tok, key="data.datasets"
+        )
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["shards"]  # the fixture has a val split

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+
+from pretrain.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
+from pretrain.engine import build_ds_config, lr_at, param_groups
+from pretrain.model import Transformer
+
+from .conftest import REPO
+
+
+def optim(**kw):
+    return OptimConfig(**{**dict(lr=1e-3, min_lr=1e-4, warmup_steps=10), **kw})
+
+
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ("cosine", {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3, 60: 5.5e-4, 110: 1e-4, 500: 1e-4}),
+        ("linear", {0: 1e-4, 9: 1e-3, 10: 1e-3, 35: 7.75e-4, 60: 5.5e-4, 110: 1e-4}),
+        ("wsd", {0: 1e-4, 9: 1e-3, 10: 1e-3, 90: 1e-3, 100: 5.5e-4, 110: 1e-4, 111: 1e-4}),
+        ("constant", {0: 1e-4, 9: 1e-3, 10: 1e-3, 110: 1e-3, 10_000: 1e-3}),
+    ],
+)
+def test_lr_schedule_exact_values(schedule, expected):
+    cfg = optim(schedule=schedule)
+    for step, lr in expected.items():
+        assert lr_at(step, cfg, max_steps=110) == pytest.approx(lr, rel=1e-12, abs=1e-15), step
+
+
+def test_lr_decay_steps_and_no_warmup():
+    cfg = optim(warmup_steps=0, decay_steps=50)
+    assert lr_at(0, cfg, max_steps=1000) == 1e-3
+    assert lr_at(50, cfg, max_steps=1000) == pytest.approx(1e-4)
+
+
+def ds_config(tmp_path, content: dict, *, global_batch=16, world=2, micro=4, precision="fp32"):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    return build_ds_config(
+        path,
+        train=TrainConfig(micro_batch_seqs=micro),
+        optim=optim(grad_clip=0.5),
+        global_batch=global_batch,
+        world_size=world,
+        precision=precision,
+    )
+
+
+def test_derived_keys_are_injected(tmp_path):
+    ds = ds_config(tmp_path, {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"})
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # on CPU
+    assert ds["zero_optimization"] == {"stage": 2}
+
+
+@pytest.mark.parametrize(
+    "content,kw,message",
+    [
+        ({"train_batch_size": 32}, {}, "sets train_batch_size=32 but the run derives 16"),
+        ({"gradient_accumulation_steps": 4}, {}, "sets gradient_accumulation_steps=4 but the run derives 2"),
+        ({"gradient_clipping": 1.0}, {}, "sets gradient_clipping=1.0 but the run derives 0.5"),
+        ({"bf16": {"enabled": True}}, {}, "sets bf16.enabled=True but train.precision is fp32"),
+        ({"optimizer": {"type": "Adam"}}, {}, "sets 'optimizer'"),
+        ({}, {"global_batch": 15}, "global batch of 15 sequences does not split into 2 rank"),
+        ({}, {"global_batch": 16, "world": 3}, "make it a multiple of 12"),
+        ({}, {"global_batch": 12, "micro": 4}, "make it a multiple of 8"),
+    ],
+)
+def test_conflicts_and_bad_batch_arithmetic(tmp_path, content, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        ds_config(tmp_path, content, **kw)
+
+
+def test_missing_or_broken_ds_config(tmp_path):
+    with pytest.raises(ConfigError, match="train.ds_config: .*nope.json not found"):
+        build_ds_config(
+            tmp_path / "nope.json", train=TrainConfig(), optim=optim(), global_batch=8, world_size=1, precision="fp32"
+        )
+    (tmp_path / "bad.json").write_text("{stage: 1")
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+        build_ds_config(
+            tmp_path / "bad.json", train=TrainConfig(), optim=optim(), global_batch=8, world_size=1, precision="fp32"
+        )
+
+
+def test_shipped_ds_configs_build():
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        ds = build_ds_config(
+            path, train=TrainConfig(micro_batch_seqs=2), optim=optim(), global_batch=8, world_size=2, precision="bf16"
+        )
+        assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 2, path.name
+
+
+def test_weight_decay_groups():
+    m = Transformer(ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, seq_len=8))
+    decay, no_decay = param_groups(m, optim())
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
+        ["tok_embeddings.weight", "output.weight", "norm.weight"]
+        + [f"layers.{i}.{n}_norm.weight" for i in range(2) for n in ("attention", "ffn")]
+    )
+    assert all(p.ndim == 2 for p in decay["params"]) and len(decay["params"]) == 8
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    with_embed = param_groups(m, optim(decay_embeddings=True))
+    assert len(with_embed[0]["params"]) == 10

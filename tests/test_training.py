@@ -1,0 +1,155 @@
+"""End-to-end training runs in real processes: 1 rank, and 2 ranks (gloo) under deepspeed and torchrun."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, read_metrics, tiny_overrides
+
+STEPS = 8
+SCALARS = [
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "perf/tokens_per_sec",
+    "perf/tflops_per_device",
+    "perf/mfu",
+    "perf/step_time",
+    "perf/memory_gib",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(kind: str, nproc: int) -> list[str]:
+    bin_dir = f"{sys.prefix}/bin"
+    if kind == "python":
+        return [sys.executable]
+    if kind == "deepspeed":
+        return [f"{bin_dir}/deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port())]
+    return [f"{bin_dir}/torchrun", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+
+
+def pretrain(kind: str, nproc: int, overrides: list[str], timeout=600) -> subprocess.CompletedProcess:
+    cmd = [*launcher(kind, nproc), str(REPO / "launch/pretrain.py"), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_path, tiny_dataset):
+    """The same 8 steps, global batch 8: 1 rank accumulating 2 micro-batches, and 2 ranks under ZeRO-2 and -3."""
+    root = tmp_path_factory.mktemp("runs")
+    common = [
+        "train.global_batch_seqs=8",
+        "train.micro_batch_seqs=4",
+        f"train.max_steps={STEPS}",
+        "train.eval_every=4",
+        "train.eval_batches=2",
+        "logging.log_every=1",
+    ]
+    setups = {
+        "ref": ("python", 1, "zero1"),
+        "zero2": ("deepspeed", 2, "zero2"),
+        "zero3": ("torchrun", 2, "zero3"),
+    }
+    out = {}
+    for name, (kind, nproc, ds) in setups.items():
+        run_dir = root / name
+        args = (
+            tiny_overrides(tokenizer_path, tiny_dataset, run_dir) + common + [f"train.ds_config=ds_configs/{ds}.json"]
+        )
+        result = pretrain(kind, nproc, args)
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        out[name] = (run_dir, result)
+    return out
+
+
+def by_step(run_dir, key):
+    return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_two_ranks_match_one_rank_step_for_step(runs, name):
+    ref_loss = by_step(runs["ref"][0], "train/loss")
+    loss = by_step(runs[name][0], "train/loss")
+    assert sorted(loss) == sorted(ref_loss) == list(range(1, STEPS + 1))
+    for step in ref_loss:
+        assert loss[step] == pytest.approx(ref_loss[step], rel=1e-5), step
+    for key in ("train/grad_norm", "eval/loss"):
+        ref, got = by_step(runs["ref"][0], key), by_step(runs[name][0], key)
+        assert sorted(got) == sorted(ref) and all(got[s] == pytest.approx(ref[s], rel=1e-4) for s in ref), key
+    assert ref_loss[STEPS] < ref_loss[1] - 0.5  # and it learns
+
+
+def test_run_dir_holds_resolved_config_and_ds_json(runs):
+    import json
+
+    import yaml
+
+    run_dir, result = runs["zero3"]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["model"]["vocab_size"] == 2000 and cfg["train"]["max_steps"] == STEPS
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert (
+        ds["zero_optimization"]["stage"] == 3 and ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 8
+    )
+    assert "2 rank(s) on cpu, ZeRO 3, fp32" in result.stderr
+    assert f"step {STEPS}/{STEPS} | loss" in result.stderr
+
+
+def test_tensorboard_has_every_scalar_at_every_logged_step(runs):
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS as KIND
+    from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
+
+    run_dir = runs["ref"][0]
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={KIND: 0, TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in SCALARS:
+        assert [e.step for e in acc.Scalars(tag)] == list(range(1, STEPS + 1)), tag
+    for tag in ("eval/loss", "eval/ppl"):
+        assert [e.step for e in acc.Scalars(tag)] == [4, 8], tag
+    loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert loss == pytest.approx(by_step(run_dir, "train/loss"), rel=1e-6)
+    ppl = acc.Scalars("eval/ppl")[-1].value
+    assert ppl == pytest.approx(2.718281828 ** acc.Scalars("eval/loss")[-1].value, rel=1e-5)
+    lr = [e.value for e in acc.Scalars("train/lr")]
+    assert lr[0] == pytest.approx(5e-3) and lr[1] == pytest.approx(1e-2)  # warmup of 2 steps to 1e-2
+    assert all(0 < e.value < 1 for e in acc.Scalars("perf/mfu"))
+    assert "config/text_summary" in acc.Tags()["tensors"] and "train/tokens_seen" in tags
+
+
+def test_bad_config_key_exits_2_naming_it(tmp_path, tokenizer_path, tiny_dataset):
+    args = tiny_overrides(tokenizer_path, tiny_dataset, tmp_path / "r") + [
+        "train.global_batch_seqs=8",
+        "model.n_layer=3",
+    ]
+    result = pretrain("python", 1, args)
+    assert result.returncode == 2
+    assert "model.n_layer: unknown key (did you mean n_layers?)" in result.stderr
+
+
+def test_missing_shards_and_wrong_tokenizer_exit_2(tmp_path, tokenizer_path, tiny_dataset, speeches):
+    args = tiny_overrides(tokenizer_path, tmp_path / "no_such_data", tmp_path / "r") + ["train.global_batch_seqs=8"]
+    result = pretrain("python", 1, args)
+    assert (
+        result.returncode == 2 and "data.datasets[0]: " in result.stderr and "no_such_data is neither" in result.stderr
+    )
+
+    from data_prep import train_tokenizer
+
+    other = tmp_path / "other"
+    assert train_tokenizer.main([str(speeches[0]), "--output", str(other), "--vocab-size", "400", "--quiet"]) == 0
+    args = tiny_overrides(other.with_suffix(".model"), tiny_dataset, tmp_path / "r") + ["train.global_batch_seqs=8"]
+    result = pretrain("python", 1, args)
+    assert (
+        result.returncode == 2
+        and "was tokenized with" in result.stderr
+        and "re-tokenize or fix data.tokenizer" in result.stderr
+    )
