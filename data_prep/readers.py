@@ -43,6 +43,7 @@ class InputError(ValueError):
 class Document:
     text: str
     source: str  # "path" or "path:line"
+    data: bytes  # the text as UTF-8 (validated once here, so consumers need not encode it again)
 
 
 def supported(path: Path) -> bool:
@@ -204,7 +205,7 @@ class CorpusReader:
         if not text:
             self.bad("empty_document", str(path), "empty document")
             return
-        yield Document(text, str(path))
+        yield Document(text, str(path), data)
 
     def _jsonl_file(self, path: Path, chunks: Iterator[bytes]) -> Iterator[Document]:
         field = self.text_field
@@ -234,8 +235,8 @@ class CorpusReader:
                 self.bad("empty_document", where, "empty document")
                 continue
             try:
-                text.encode("utf-8")
+                data = text.encode("utf-8")
             except UnicodeEncodeError:
                 self.bad("invalid_utf8", where, "the text holds a lone surrogate escape (not valid Unicode)")
                 continue
-            yield Document(text, where)
+            yield Document(text, where, data)

@@ -81,13 +81,13 @@ def encode_batch(batch: dict[str, list[str]]) -> dict[str, tuple[bytes, np.ndarr
     for split, texts in batch.items():
         if not texts:
             continue
-        ids = sp.encode(texts, out_type=int)
+        ids = sp.encode(texts, out_type=int, num_threads=1)  # one thread per worker: workers are the parallelism
         tokens = array(code)
         lengths = np.empty(len(ids), dtype=np.int32)
         for i, doc in enumerate(ids):
             if bos is not None:
                 tokens.append(bos)
-            tokens.extend(doc)
+            tokens.fromlist(doc)  # fromlist: about twice as fast as extend for a list
             tokens.append(eod)
             lengths[i] = len(doc) + 1 + (bos is not None)
         if sys.byteorder != "little":
@@ -166,7 +166,7 @@ def batches(
     seen = dict.fromkeys(SPLITS, 0)
     batch, n, size = {s: [] for s in SPLITS}, 0, 0
     for doc in reader:
-        data = doc.text.encode("utf-8")
+        data = doc.data
         split = "val" if is_val(data, val_fraction, salt) else "train"
         seen[split] += 1
         stats[split]["documents"] += 1
@@ -279,6 +279,11 @@ def _tokenize(args, reader, writers, tok, dtype, done, stats) -> int:
         batch_bytes=int(args.batch_mb * 2**20),
         stats=stats,
     )
+    # fork: workers start at once (spawn costs an interpreter and imports each); the pool exists before any
+    # other thread (tqdm's monitor) does.
+    pool = mp.get_context("fork").Pool(
+        args.workers, initializer=_init_worker, initargs=(str(tok.path), dtype.name, args.add_bos)
+    )
     bar = tqdm(
         total=reader.total_raw_bytes,
         unit="B",
@@ -301,8 +306,6 @@ def _tokenize(args, reader, writers, tok, dtype, done, stats) -> int:
         el = max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix_str(f"{docs / el:,.0f} docs/s, {tokens / el / 1e6:.2f}M tok/s", refresh=False)
 
-    ctx = mp.get_context("spawn")
-    pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(str(tok.path), dtype.name, args.add_bos))
     try:
         pending: deque = deque()
         for batch in gen:

