@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/prep.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -17,7 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# The repo root first: `import pretrain` must find the package, not this script (and works without installing).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import DataError  # noqa: E402
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     p.add_argument("--sample-prompt", default=None, help="after training, print a greedy continuation of this prompt")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def setup_logging() -> None:

@@ -20,7 +20,7 @@ from deepspeed.accelerator import get_accelerator
 
 from pretrain.config import ConfigError, RunConfig, global_batch_seqs, to_yaml
 from pretrain.data import BatchPlan, build_dataset
-from pretrain.engine import Engine, lr_at, peak_flops_per_device
+from pretrain.engine import Engine, lr_at, peak_flops_per_device, tune_cpu_allocator
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
 from pretrain.generate import greedy
 from pretrain.metrics import Metrics, memory_gib, throughput
@@ -47,6 +47,8 @@ class Trainer:
         self.rank, self.world_size = init_distributed()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if get_accelerator().device_name() == "cpu":
+            tune_cpu_allocator()
         self.run_dir = Path(cfg.train.run_dir)
 
         self.tokenizer = Tokenizer(cfg.data.tokenizer)
@@ -166,13 +168,15 @@ class Trainer:
     def sample(self, prompt: str, max_new_tokens: int = 40) -> str:
         """A greedy continuation of `prompt` (every rank must call this together under ZeRO-3)."""
         self.engine.ds.eval()
+        prompt_ids = self.tokenizer.encode(prompt)
         ids = greedy(
             self.engine.ds,
-            self.tokenizer.encode(prompt),
+            prompt_ids,
             max_new_tokens=max_new_tokens,
             max_len=self.cfg.model.seq_len,
             vocab_size=self.tokenizer.vocab_size,
             eod_id=self.tokenizer.eod_id,
             device=self.engine.device,
         )
-        return self.tokenizer.decode(ids)
+        # decode with the prompt: a piece's leading space is dropped at the start of a decoded sequence
+        return self.tokenizer.decode(prompt_ids + ids)[len(self.tokenizer.decode(prompt_ids)) :]

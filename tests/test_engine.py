@@ -87,6 +87,17 @@ def test_missing_or_broken_ds_config(tmp_path):
         )
 
 
+def test_without_zero_the_engine_clips(tmp_path):
+    ds = ds_config(tmp_path, {"zero_optimization": {"stage": 0}, "gradient_clipping": 0.5})
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed must not clip a second time
+
+
+def test_cpu_allocator_tuning_applies():
+    from pretrain.engine import tune_cpu_allocator
+
+    assert tune_cpu_allocator() is True  # glibc here
+
+
 def test_shipped_ds_configs_build():
     for path in sorted((REPO / "ds_configs").glob("*.json")):
         ds = build_ds_config(

@@ -43,7 +43,8 @@ def pretrain(kind: str, nproc: int, overrides: list[str], timeout=600) -> subpro
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer_path, tiny_dataset):
-    """The same 8 steps, global batch 8: 1 rank accumulating 2 micro-batches, and 2 ranks under ZeRO-2 and -3."""
+    """The same 8 steps, global batch 8: 1 rank accumulating 2 micro-batches (ZeRO-1, ZeRO-0), and 2 ranks
+    without accumulation under ZeRO-2 (deepspeed launcher) and ZeRO-3 (torchrun)."""
     root = tmp_path_factory.mktemp("runs")
     common = [
         "train.global_batch_seqs=8",
@@ -55,6 +56,7 @@ def runs(tmp_path_factory, tokenizer_path, tiny_dataset):
     ]
     setups = {
         "ref": ("python", 1, "zero1"),
+        "zero0": ("python", 1, "zero0"),
         "zero2": ("deepspeed", 2, "zero2"),
         "zero3": ("torchrun", 2, "zero3"),
     }
@@ -74,8 +76,9 @@ def by_step(run_dir, key):
     return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3"])
-def test_two_ranks_match_one_rank_step_for_step(runs, name):
+@pytest.mark.parametrize("name", ["zero0", "zero2", "zero3"])
+def test_runs_match_step_for_step(runs, name):
+    """ZeRO-0 on 1 rank, ZeRO-2 and ZeRO-3 on 2 ranks all match the 1-rank ZeRO-1 run (accumulation 2)."""
     ref_loss = by_step(runs["ref"][0], "train/loss")
     loss = by_step(runs[name][0], "train/loss")
     assert sorted(loss) == sorted(ref_loss) == list(range(1, STEPS + 1))

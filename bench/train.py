@@ -1,0 +1,202 @@
+"""Training throughput: our DeepSpeed engine against a plain PyTorch loop of the same model, and MFU.
+
+    .venv/bin/python bench/train.py                 # about 5 minutes on 2 cores
+    .venv/bin/python bench/train.py --steps 3 --rounds 1
+
+One process, fp32, 2 threads. The model is the one the issue fixes: 6 layers, d_model 384, 6 heads, seq 256,
+batch 8, vocab 32000 (so 2048 tokens per step). In one run it measures
+  - the machine's fp32 matmul peak (best of square matmuls, n = 1024 and 2048),
+  - a plain PyTorch loop (our Transformer, torch.optim.AdamW, cross-entropy; no DeepSpeed),
+  - our Engine (`pretrain.engine.Engine`, the trainer's path) with ZeRO stage 0 and 1,
+each measured in a fresh process (no runner inherits another's heap), interleaved over --rounds so that machine
+noise hits all alike, keeping each one's best round. The plain loop is also run with glibc's default allocator
+settings, to show what `tune_cpu_allocator` (applied by the trainer on CPU) is worth. Prints tokens/s,
+achieved GFLOP/s (model FLOPs, `Transformer.flops_per_token`), MFU against the measured peak, and the engine /
+plain ratio. Targets: engine >= 0.97x plain; MFU >= 72%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pretrain.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from pretrain.model import Transformer  # noqa: E402
+
+MODEL = ModelConfig(vocab_size=32000, d_model=384, n_layers=6, n_heads=6, seq_len=256)
+BATCH = 8
+OPTIM = OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
+
+
+def matmul_peak(sizes=(1024, 2048), repeats=10) -> float:
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def batches(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, MODEL.vocab_size, (BATCH, MODEL.seq_len + 1), generator=g) for _ in range(n)]
+
+
+class Plain:
+    """The reference: the same model and optimizer settings, a textbook loop."""
+
+    name = "plain PyTorch"
+
+    def __init__(self):
+        self.model = Transformer(MODEL)
+        self.model.init_weights(0)
+        from pretrain.engine import param_groups
+
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model, OPTIM), lr=OPTIM.lr, betas=(OPTIM.beta1, OPTIM.beta2), eps=OPTIM.eps, fused=True
+        )
+
+    def step(self, x: torch.Tensor) -> float:
+        loss = F.cross_entropy(self.model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIM.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+class EngineRun:
+    def __init__(self, stage: int, workdir: Path):
+        from pretrain.engine import Engine
+
+        self.name = f"engine ZeRO-{stage}"
+        ds_json = workdir / f"zero{stage}.json"
+        ds_json.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        model = Transformer(MODEL)
+        model.init_weights(0)
+        train = TrainConfig(ds_config=str(ds_json), micro_batch_seqs=BATCH, global_batch_seqs=BATCH, precision="fp32")
+        self.engine = Engine(model, OPTIM, train, global_batch=BATCH)
+
+    def step(self, x: torch.Tensor) -> float:
+        return self.engine.train_step([x], OPTIM.lr).loss.item()
+
+
+def timed(runner, data: list[torch.Tensor], warmup: int) -> float:
+    """Seconds per step over `data`, after `warmup` untimed steps."""
+    for x in data[:warmup]:
+        runner.step(x)
+    t0 = time.perf_counter()
+    for x in data[warmup:]:
+        runner.step(x)
+    return (time.perf_counter() - t0) / (len(data) - warmup)
+
+
+RUNNERS = {
+    "plain PyTorch": lambda tmp: Plain(),
+    "plain PyTorch, default allocator": lambda tmp: Plain(),
+    "engine ZeRO-0": lambda tmp: EngineRun(0, tmp),
+    "engine ZeRO-1": lambda tmp: EngineRun(1, tmp),
+}
+
+
+def measure_one(name: str, args: argparse.Namespace) -> dict:
+    """In a fresh process: build one runner, time it, and measure the matmul peak alongside."""
+    torch.set_num_threads(args.threads)
+    if "default allocator" not in name:
+        from pretrain.engine import tune_cpu_allocator
+
+        tune_cpu_allocator()  # as the trainer does on CPU
+    if name.startswith("engine"):
+        import socket
+
+        import deepspeed
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        deepspeed.init_distributed(verbose=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = RUNNERS[name](Path(tmp))
+        seconds = timed(runner, batches(args.warmup + args.steps), args.warmup)
+    return {"seconds": seconds, "peak": matmul_peak()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=6, help="timed steps per round (default: 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each round (default: 2)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runner's best is kept (default: 3)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--one", choices=list(RUNNERS), help=argparse.SUPPRESS)  # internal: measure one runner
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one, args)))
+        return 0
+    best = dict.fromkeys(RUNNERS, float("inf"))
+    peak = 0.0
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    for r in range(args.rounds):
+        for name in RUNNERS:  # each in its own process: no runner inherits another's heap or threads
+            out = subprocess.run([sys.executable, __file__, "--one", name, *common], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            best[name] = min(best[name], result["seconds"])
+            peak = max(peak, result["peak"])
+            print(f"round {r + 1}/{args.rounds}: {name}: {result['seconds']:.3f} s/step", flush=True)
+    report(best, peak, args)
+    return 0
+
+
+def report(best: dict[str, float], peak: float, args: argparse.Namespace) -> None:
+    import deepspeed
+
+    flops_per_step = Transformer(MODEL).flops_per_token(MODEL.seq_len) * BATCH * MODEL.seq_len
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    print(
+        f"\n{date.today()} | {cpu} | {os.cpu_count()} cores, {args.threads} threads, 1 process, fp32 | "
+        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}"
+    )
+    print(
+        "model: 6 layers, d_model 384, 6 heads, seq 256, batch 8, vocab 32000 = "
+        f"{flops_per_step / 1e9:.1f} GFLOP per step (6N + attention)"
+    )
+    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best square matmul, n = 1024 and 2048)\n")
+    print("| run | s/step | tokens/s | GFLOP/s | MFU | vs plain |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    plain = best["plain PyTorch"]
+    for name, sec in best.items():
+        achieved = flops_per_step / sec
+        print(
+            f"| {name} | {sec:.3f} | {BATCH * MODEL.seq_len / sec:,.0f} | {achieved / 1e9:.1f} | "
+            f"{achieved / peak:.1%} | {plain / sec:.3f}x |"
+        )
+    engines = [n for n in best if n.startswith("engine")]
+    worst = min(plain / best[n] for n in engines)
+    mfu = min(flops_per_step / best[n] / peak for n in engines)
+    print(f"\nengine >= 0.97x plain: {'PASS' if worst >= 0.97 else 'FAIL'} ({worst:.3f}x, the slower ZeRO stage)")
+    print(f"MFU >= 72%: {'PASS' if mfu >= 0.72 else 'FAIL'} ({mfu:.1%}, the slower ZeRO stage)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
