@@ -10,7 +10,7 @@ __version__ = re.search(r'__version__ = "(.+)"', Path("pretrain/__init__.py").re
 setup(
     name="pretrain",
     version=__version__,
-    description="Pretrain GPT-style language models with DeepSpeed: data preparation, training, resume, export.",
+    description="Pretrain GPT-style language models with DeepSpeed: from raw text to token shards to a trained model.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -23,6 +23,7 @@ setup(
         "tensorboard>=2.14",
         "zstandard>=0.22",
         "tqdm>=4.66",
+        "psutil>=5.9",
         "pyyaml>=6",
     ],
     extras_require={

@@ -30,10 +30,15 @@ def summary(root: Path, manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def sample_documents(root: Path, manifest: dict, n: int, max_chars: int) -> list[str]:
+def sample_documents(root: Path, manifest: dict, n: int, max_chars: int, tokenizer: str | None) -> list[str]:
     from pretrain.tokenizer import Tokenizer
 
-    tok = Tokenizer(manifest["tokenizer"]["path"])
+    path = tokenizer or manifest["tokenizer"]["path"]
+    if not Path(path).is_file():
+        return [f"(no samples: the tokenizer {path} is not there; pass --tokenizer)"]
+    tok = Tokenizer(path)
+    if tok.sha256() != manifest["tokenizer"]["sha256"]:
+        return [f"(no samples: {path} is not the tokenizer these shards were made with)"]
     out = []
     for split, shards in manifest_shards(manifest).items():
         if not shards:
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dataset", help="dataset directory (holding manifest.json)")
     p.add_argument("--samples", type=int, default=1, help="documents to decode and print per split (default: 1)")
     p.add_argument("--max-chars", type=int, default=300, help="characters shown per sample (default: 300)")
+    p.add_argument("--tokenizer", help="decode samples with this .model (default: the manifest's tokenizer path)")
     p.add_argument("--no-checksums", dest="checksums", action="store_false", help="skip the sha256 checks (faster)")
     args = p.parse_args(argv)
     root = Path(args.dataset)
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(len(e["shards"]) for e in manifest["splits"].values())
         print(f"verify     ok: {n} shard(s) match the manifest" + (" (sha256 checked)" if args.checksums else ""))
         if args.samples:
-            print("\n".join(sample_documents(root, manifest, args.samples, args.max_chars)))
+            print("\n".join(sample_documents(root, manifest, args.samples, args.max_chars, args.tokenizer)))
     except (ShardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

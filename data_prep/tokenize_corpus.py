@@ -123,17 +123,22 @@ def prepare_output(out: Path, fingerprint: dict, *, resume: bool, overwrite: boo
         state = "a complete dataset" if (out / MANIFEST).exists() else "an incomplete dataset"
         raise OutputError(f"{out}: holds {state}; pass --resume to continue it or --overwrite to start over")
     if (out / MANIFEST).exists():
+        manifest = json.loads((out / MANIFEST).read_text())
+        made = {
+            **manifest["settings"],
+            "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+            "inputs": manifest["inputs"],
+        }
+        now = {
+            **fingerprint,
+            "inputs": [{k: v for k, v in i.items() if k != "mtime_ns"} for i in fingerprint["inputs"]],
+        }
+        _refuse_changes(out / MANIFEST, made, now, "the complete dataset")
         raise AlreadyComplete(f"{out}: already complete ({MANIFEST} exists); nothing to do")
     progress = out / PROGRESS
     if progress.exists():
         record = json.loads(progress.read_text())
-        old = record["fingerprint"]
-        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if changed:
-            raise OutputError(
-                f"{progress}: cannot resume, these settings differ from the interrupted run: {', '.join(changed)} "
-                "(pass --overwrite to start over)"
-            )
+        _refuse_changes(progress, record["fingerprint"], fingerprint, "the interrupted run")
         for split in SPLITS:
             for s in record["shards"][split]:
                 info = ShardInfo(**s)
@@ -145,6 +150,14 @@ def prepare_output(out: Path, fingerprint: dict, *, resume: bool, overwrite: boo
     keep = {out / (i.prefix + ext) for infos in done.values() for i in infos for ext in (".bin", ".idx")}
     _remove([p for p in existing if p.parent.name in SPLITS and p not in keep])  # partial shard files
     return done
+
+
+def _refuse_changes(path: Path, old: dict, new: dict, what: str) -> None:
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        raise OutputError(
+            f"{path}: cannot resume, these settings differ from {what}: {', '.join(changed)} (pass --overwrite to start over)"
+        )
 
 
 def lock_output(out: Path):
@@ -406,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 <= args.split_seed < 2**128:
+        p.error(f"--split-seed must be in [0, 2**128), got {args.split_seed}")
     if not 0.0 <= args.val_fraction < 1.0:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     for name in ("shard_tokens", "workers", "batch_docs"):

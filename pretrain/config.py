@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +107,11 @@ class RunConfig:
 
 # Range checks, by dotted key: (predicate, what it must be).
 CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "model.vocab_size": (lambda v: v > 0, "positive"),
+    "model.n_kv_heads": (lambda v: v > 0, "positive"),
+    "model.ffn_dim": (lambda v: v > 0, "positive"),
+    "model.rope_theta": (lambda v: v > 0, "positive"),
+    "model.norm_eps": (lambda v: v > 0, "positive"),
     "model.d_model": (lambda v: v > 0, "positive"),
     "model.n_layers": (lambda v: v > 0, "positive"),
     "model.n_heads": (lambda v: v > 0, "positive"),
@@ -115,12 +121,19 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.lr": (lambda v: v > 0, "positive"),
     "optim.min_lr": (lambda v: v >= 0, "non-negative"),
     "optim.warmup_steps": (lambda v: v >= 0, "non-negative"),
+    "optim.decay_steps": (lambda v: v > 0, "positive"),
+    "optim.eps": (lambda v: v > 0, "positive"),
     "optim.weight_decay": (lambda v: v >= 0, "non-negative"),
     "optim.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.grad_clip": (lambda v: v >= 0, "non-negative"),
     "optim.wsd_decay_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.micro_batch_seqs": (lambda v: v > 0, "positive"),
+    "train.global_batch_seqs": (lambda v: v > 0, "positive"),
+    "train.global_batch_tokens": (lambda v: v > 0, "positive"),
+    "train.max_tokens": (lambda v: v > 0, "positive"),
+    "train.peak_flops_per_device": (lambda v: v > 0, "positive"),
+    "train.threads": (lambda v: v > 0, "positive"),
     "train.max_steps": (lambda v: v > 0, "positive"),
     "train.eval_every": (lambda v: v >= 0, "non-negative"),
     "train.eval_batches": (lambda v: v > 0, "positive"),
@@ -171,8 +184,8 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -268,9 +281,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("data.datasets: no dataset given")
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer: no tokenizer given")
-    for i, d in enumerate(cfg.data.datasets + (cfg.data.val_datasets or [])):
-        if d.weight <= 0:
-            raise ConfigError(f"data.datasets[{i}].weight: {d.weight} must be positive")
+    for key in ("datasets", "val_datasets"):
+        for i, d in enumerate(getattr(cfg.data, key) or []):
+            if d.weight <= 0:
+                raise ConfigError(f"data.{key}[{i}].weight: {d.weight} must be positive")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr {cfg.optim.lr}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.config import DatasetSpec
-from pretrain.shards import IndexedShard, ShardError, read_manifest
+from pretrain.shards import IndexedShard, ShardError, read_manifest, shard_file
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,16 @@ def open_stream(spec: DatasetSpec, split: str, *, tokenizer: dict, key: str) -> 
             )
         entry = manifest["splits"].get(split)
         if entry is None or not entry["shards"]:
-            raise DataError(f"{key}: {path} has no '{split}' shards")
+            hint = (
+                " (tokenized with --val-fraction 0?): set data.val_datasets, or train.eval_every=0"
+                if split == "val"
+                else ""
+            )
+            raise DataError(f"{key}: {path} has no '{split}' shards{hint}")
         prefixes = [path / s["prefix"] for s in entry["shards"]]
         name = f"{path}:{split}"
-    elif path.with_suffix(".idx").is_file() or Path(str(path) + ".idx").is_file():
+    elif shard_file(_strip_ext(path), ".idx").is_file():
+        path = _strip_ext(path)
         prefixes, name = [path], str(path)
     else:
         raise DataError(f"{key}: {path} is neither a dataset directory (with manifest.json) nor a .bin/.idx prefix")
@@ -90,6 +96,11 @@ def open_stream(spec: DatasetSpec, split: str, *, tokenizer: dict, key: str) -> 
         if top >= tokenizer["vocab_size"]:
             raise DataError(f"{key}: {path} holds token id {top}, outside the vocab of {tokenizer['vocab_size']}")
     return stream
+
+
+def _strip_ext(path: Path) -> Path:
+    """A Megatron prefix given with its .bin or .idx ending -> the bare prefix."""
+    return Path(str(path)[:-4]) if str(path).endswith((".bin", ".idx")) else path
 
 
 class PackedDataset:

@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- lr schedule
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup to lr, then the schedule down to min_lr.
+
+    decay_steps defaults to the steps after warmup, so the run's last step (total_steps - 1) is at min_lr.
 
     cosine: min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2, p = progress through decay_steps
     linear: lr - (lr - min_lr) * p
@@ -50,7 +52,7 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    decay_steps = cfg.decay_steps if cfg.decay_steps is not None else max(max_steps - cfg.warmup_steps, 1)
+    decay_steps = cfg.decay_steps if cfg.decay_steps is not None else max(total_steps - 1 - cfg.warmup_steps, 1)
     p = min((step - cfg.warmup_steps) / decay_steps, 1.0)
     span = cfg.lr - cfg.min_lr
     if cfg.schedule == "cosine":
@@ -101,7 +103,7 @@ def build_ds_config(
                 '(batch sizes and clipping come from the run config; remove the key or set it to "auto")'
             )
         ds[key] = value
-    if stage == 0:  # without ZeRO DeepSpeed clips but does not report the norm: the Engine clips (one pass, not two)
+    if manual_clipping(stage, precision):
         ds["gradient_clipping"] = 0.0
     for key in ("bf16", "fp16"):
         section = ds.get(key, {})
@@ -123,6 +125,12 @@ def build_ds_config(
     ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs; keep DeepSpeed's periodic prints quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def manual_clipping(stage: int, precision: str) -> bool:
+    """fp32 without ZeRO: DeepSpeed clips but does not report the norm, so the Engine clips (one pass, not two).
+    (With bf16/fp16 DeepSpeed's mixed-precision optimizer clips unscaled gradients and reports the norm.)"""
+    return stage == 0 and precision == "fp32"
 
 
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -217,6 +225,7 @@ class Engine:
         self.zero_stage = self.ds.zero_optimization_stage()
         self.grad_accum = self.ds.gradient_accumulation_steps()
         self.grad_clip = optim.grad_clip
+        self.manual_clip = manual_clipping(self.zero_stage, self.precision)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -241,13 +250,13 @@ class Engine:
         for batch in micro_batches:
             loss = self._loss(batch)
             self.ds.backward(loss)
-            if self.zero_stage == 0 and self.ds.is_gradient_accumulation_boundary():
+            if self.manual_clip and self.ds.is_gradient_accumulation_boundary():
                 # gradients are averaged across ranks by now; clip_grad_norm_ returns the norm before clipping
                 max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), max_norm, foreach=True)
             self.ds.step()
             total += loss.detach()
-        if self.zero_stage > 0:
+        if not self.manual_clip:
             grad_norm = self.ds.get_global_grad_norm()
         return StepStats(loss=total / len(micro_batches), grad_norm=grad_norm)
 

@@ -40,6 +40,18 @@ DTYPE_CODES = {
 CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "pretrain-shards/1"
+REQUIRED_KEYS = (
+    "tokenizer.path",
+    "tokenizer.sha256",
+    "tokenizer.vocab_size",
+    "tokenizer.eod_id",
+    "dtype",
+    "settings.val_fraction",
+    "settings.split_seed",
+    "inputs",
+    "skipped",
+    "splits",
+)
 
 
 class ShardError(ValueError):
@@ -49,6 +61,11 @@ class ShardError(ValueError):
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     """uint16 when every token id fits (vocab <= 65536), else int32."""
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.int32)
+
+
+def shard_file(prefix: str | Path, ext: str) -> Path:
+    """`<prefix>.bin` or `<prefix>.idx`. (Not Path.with_suffix: Megatron prefixes often contain dots.)"""
+    return Path(str(prefix) + ext)
 
 
 def shard_prefix(directory: Path, split: str, index: int) -> Path:
@@ -91,7 +108,7 @@ class ShardWriter:
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = tmp_name(self.prefix.with_suffix(".bin"))
+        self._bin_tmp = tmp_name(shard_file(self.prefix, ".bin"))
         self._bin = open(self._bin_tmp, "wb")
         self._sha = hashlib.sha256()
         self._sizes: list[np.ndarray] = []
@@ -117,14 +134,14 @@ class ShardWriter:
         self._bin.close()
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, dtype=np.int32)
         idx = encode_index(sizes, self.dtype)
-        idx_final = self.prefix.with_suffix(".idx")
+        idx_final = shard_file(self.prefix, ".idx")
         idx_tmp = tmp_name(idx_final)
         with open(idx_tmp, "wb") as f:
             f.write(idx)
             f.flush()
             os.fsync(f.fileno())
         # .bin first: a shard counts as present only once its .idx exists.
-        commit(self._bin_tmp, self.prefix.with_suffix(".bin"))
+        commit(self._bin_tmp, shard_file(self.prefix, ".bin"))
         commit(idx_tmp, idx_final)
         return ShardInfo(
             prefix=self.prefix.relative_to(root).as_posix(),
@@ -202,7 +219,7 @@ class IndexedShard:
 
     def __init__(self, prefix: str | Path):
         self.prefix = Path(prefix)
-        idx_path, bin_path = self.prefix.with_suffix(".idx"), self.prefix.with_suffix(".bin")
+        idx_path, bin_path = shard_file(self.prefix, ".idx"), shard_file(self.prefix, ".bin")
         for p in (idx_path, bin_path):
             if not p.is_file():
                 raise ShardError(f"{p}: missing")
@@ -236,7 +253,7 @@ class IndexedShard:
 
     def check(self) -> None:
         """Index consistency: offsets follow the sizes and the .bin holds exactly the tokens indexed."""
-        name, item = self.prefix.with_suffix(".idx"), self.dtype.itemsize
+        name, item = shard_file(self.prefix, ".idx"), self.dtype.itemsize
         if len(self.sizes) and self.sizes.min() < 0:
             raise ShardError(f"{name}: negative sequence length")
         expect = np.zeros(len(self.sizes), dtype=np.int64)
@@ -253,7 +270,7 @@ class IndexedShard:
         total = int(self.sizes.sum(dtype=np.int64))
         if self._bin_bytes != total * item:
             raise ShardError(
-                f"{self.prefix.with_suffix('.bin')}: {self._bin_bytes} bytes, index expects {total * item}"
+                f"{shard_file(self.prefix, '.bin')}: {self._bin_bytes} bytes, index expects {total * item}"
             )
 
     @property
@@ -276,8 +293,19 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ShardError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
+    for key in REQUIRED_KEYS:
+        node = manifest
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ShardError(f"{path}: no '{key}' (a damaged or hand-edited manifest?)")
+            node = node[part]
+    for split, entry in manifest["splits"].items():
+        for field in ("documents", "tokens", "shards"):
+            if not isinstance(entry, dict) or field not in entry:
+                raise ShardError(f"{path}: no 'splits.{split}.{field}'")
     return manifest
 
 
@@ -297,7 +325,7 @@ def verify_shard(root: Path, info: ShardInfo, *, vocab_size: int | None, checksu
         problems.append(f"{prefix}.bin: token id {int(shard.tokens.max())} >= vocab size {vocab_size}")
     if checksums:
         for ext, want in ((".bin", info.bin_sha256), (".idx", info.idx_sha256)):
-            got = sha256_file(prefix.with_suffix(ext))
+            got = sha256_file(shard_file(prefix, ext))
             if got != want:
                 problems.append(f"{prefix}{ext}: sha256 {got[:12]}..., manifest says {want[:12]}...")
     return problems

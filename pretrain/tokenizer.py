@@ -42,7 +42,7 @@ class Tokenizer:
     def describe(self) -> dict:
         """What a manifest or checkpoint records to recognise this tokenizer."""
         return {
-            "path": str(self.path),
+            "path": str(self.path.resolve()),
             "sha256": self.sha256(),
             "vocab_size": self.vocab_size,
             "eod_id": self.eod_id,

@@ -9,6 +9,7 @@ whatever the launcher set, with single-process defaults otherwise.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -18,7 +19,7 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from pretrain.config import ConfigError, RunConfig, global_batch_seqs, to_yaml
+from pretrain.config import ConfigError, RunConfig, TrainConfig, global_batch_seqs, to_yaml
 from pretrain.data import BatchPlan, build_dataset
 from pretrain.engine import Engine, lr_at, peak_flops_per_device, tune_cpu_allocator
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
@@ -41,6 +42,13 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def total_steps(train: TrainConfig, tokens_per_step: int) -> int:
+    """Optimizer steps of the run: max_steps, or fewer if max_tokens is reached first."""
+    if train.max_tokens is None:
+        return train.max_steps
+    return min(train.max_steps, math.ceil(train.max_tokens / tokens_per_step))
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -51,7 +59,14 @@ class Trainer:
             tune_cpu_allocator()
         self.run_dir = Path(cfg.train.run_dir)
 
-        self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        if (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError(
+                f"train.run_dir: {self.run_dir} already holds a run (metrics.jsonl); choose another run_dir or delete it"
+            )
+        try:
+            self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.tokenizer: {e}") from None
         tok = self.tokenizer.describe()
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = self.tokenizer.vocab_size
@@ -61,6 +76,7 @@ class Trainer:
             )
         seq_len = cfg.model.seq_len
         self.global_batch = global_batch_seqs(cfg.train, seq_len)
+        self.total_steps = total_steps(cfg.train, self.global_batch * seq_len)
         self.plan = BatchPlan(self.global_batch, cfg.train.micro_batch_seqs, self.rank, self.world_size)
         self.train_data = build_dataset(
             cfg.data.datasets, "train", seq_len=seq_len, seed=cfg.data.seed, tokenizer=tok, key="data.datasets"
@@ -103,29 +119,24 @@ class Trainer:
             f"accumulation {self.engine.grad_accum} | peak {self.peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
         )
 
-    def done(self, step: int) -> bool:
-        t = self.cfg.train
-        return step >= t.max_steps or (
-            t.max_tokens is not None and step * self.global_batch * self.cfg.model.seq_len >= t.max_tokens
-        )
-
     def fit(self) -> dict:
         """Train until max_steps / max_tokens; returns the last logged scalars."""
         step, last = 0, {}
         window_start, window_steps = time.perf_counter(), 0
-        while not self.done(step):
-            lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+        while step < self.total_steps:
+            lr = lr_at(step, self.cfg.optim, self.total_steps)
             stats = self.engine.train_step(self.train_data.batch(step, self.plan), lr)
             step += 1
             window_steps += 1
-            final = self.done(step)
+            final = step == self.total_steps
             if step % self.cfg.logging.log_every == 0 or final:
                 seconds = time.perf_counter() - window_start
                 last = self.log_step(step, stats, lr, seconds, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
             if self.val_data is not None and (step % self.cfg.train.eval_every == 0 or final):
+                eval_start = time.perf_counter()
                 last.update(self.evaluate(step))
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+                window_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
         self.metrics.close()
         return last
 
@@ -148,7 +159,7 @@ class Trainer:
         self.metrics.scalars(step, values)
         gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
         self.metrics.console(
-            f"step {step}/{self.cfg.train.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn} | "
+            f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {gn} | "
             f"{values['perf/tokens_per_sec']:,.0f} tok/s | {values['perf/tflops_per_device'] * 1e3:.1f} GFLOP/s/device | "
             f"MFU {values['perf/mfu'] * 100:.1f}% | {values['perf/step_time']:.3f} s/step | mem {values['perf/memory_gib']:.2f} GiB"
         )

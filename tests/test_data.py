@@ -105,27 +105,29 @@ def test_blended_dataset_draws_by_weight(tmp_path):
 def test_megatron_written_files_are_read(tmp_path):
     torch = pytest.importorskip("torch")
     indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-    builder = indexed.IndexedDatasetBuilder(str(tmp_path / "meg.bin"), dtype=np.int32)
+    prefix = tmp_path / "wiki.en_text_document"  # Megatron's naming: a dot in the prefix
+    builder = indexed.IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
     for n in (30, 12, 50):
         builder.add_item(torch.arange(n, dtype=torch.int64) + 7)
         builder.end_document()
-    builder.finalize(str(tmp_path / "meg.idx"))
+    builder.finalize(f"{prefix}.idx")
+    (tmp_path / "wiki.idx").write_bytes(b"decoy")  # what Path.with_suffix(".idx") would wrongly open
     tok = {"path": "t", "sha256": "x", "vocab_size": 100}
-    data = build_dataset(
-        [DatasetSpec(str(tmp_path / "meg"))], "train", seq_len=10, seed=0, tokenizer=tok, key="data.datasets"
-    )
+
+    def build(path, tokenizer=tok):
+        return build_dataset(
+            [DatasetSpec(str(path))], "train", seq_len=10, seed=0, tokenizer=tokenizer, key="data.datasets"
+        )
+
+    data = build(prefix)
     assert data.num_samples == (92 - 1) // 10
     stream = data.datasets[0].stream
     assert stream.read(0, 92).tolist() == list(range(7, 37)) + list(range(7, 19)) + list(range(7, 57))
-    with pytest.raises(DataError, match=r"data.datasets\[0\]: .*meg holds token id 56, outside the vocab of 50"):
-        build_dataset(
-            [DatasetSpec(str(tmp_path / "meg"))],
-            "train",
-            seq_len=10,
-            seed=0,
-            tokenizer={**tok, "vocab_size": 50},
-            key="data.datasets",
-        )
+    assert build(f"{prefix}.bin").num_samples == data.num_samples  # the prefix may carry its .bin ending
+    with pytest.raises(
+        DataError, match=r"data.datasets\[0\]: .*en_text_document holds token id 56, outside the vocab of 50"
+    ):
+        build(prefix, {**tok, "vocab_size": 50})
 
 
 def test_dataset_errors_name_the_key(tmp_path, tiny_dataset, tokenizer):

@@ -25,13 +25,30 @@ def optim(**kw):
 def test_lr_schedule_exact_values(schedule, expected):
     cfg = optim(schedule=schedule)
     for step, lr in expected.items():
-        assert lr_at(step, cfg, max_steps=110) == pytest.approx(lr, rel=1e-12, abs=1e-15), step
+        assert lr_at(step, cfg, total_steps=111) == pytest.approx(lr, rel=1e-12, abs=1e-15), step
 
 
 def test_lr_decay_steps_and_no_warmup():
     cfg = optim(warmup_steps=0, decay_steps=50)
-    assert lr_at(0, cfg, max_steps=1000) == 1e-3
-    assert lr_at(50, cfg, max_steps=1000) == pytest.approx(1e-4)
+    assert lr_at(0, cfg, total_steps=1000) == 1e-3
+    assert lr_at(50, cfg, total_steps=1000) == pytest.approx(1e-4)
+
+
+def test_last_step_of_the_run_is_at_min_lr():
+    for schedule in ("cosine", "linear", "wsd"):
+        cfg = optim(schedule=schedule)
+        assert lr_at(99, cfg, total_steps=100) == pytest.approx(1e-4)  # the last step trained
+        assert lr_at(98, cfg, total_steps=100) > 1e-4
+
+
+def test_total_steps_from_max_tokens():
+    from pretrain.config import TrainConfig
+    from pretrain.trainer import total_steps
+
+    assert total_steps(TrainConfig(max_steps=100), 4096) == 100
+    assert total_steps(TrainConfig(max_steps=100, max_tokens=40_960), 4096) == 10
+    assert total_steps(TrainConfig(max_steps=100, max_tokens=40_961), 4096) == 11
+    assert total_steps(TrainConfig(max_steps=5, max_tokens=10**9), 4096) == 5
 
 
 def ds_config(tmp_path, content: dict, *, global_batch=16, world=2, micro=4, precision="fp32"):

@@ -174,6 +174,10 @@ def test_existing_output_refused_unless_resume_or_overwrite(tmp_path, corpus, to
     assert "holds a complete dataset; pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert tokenize([path], out, tokenizer_path, "--resume") == 0  # already complete: nothing to do
     assert dataset_files(out) == before
+    extra = write_jsonl(path.parent / "extra.jsonl", ["one more document"])
+    assert tokenize([path, extra], out, tokenizer_path, "--resume") == 1  # complete, but not with these inputs
+    assert "differ from the complete dataset: inputs" in capsys.readouterr().err
+    assert dataset_files(out) == before
     assert tokenize([path], out, tokenizer_path, "--overwrite", "--shard-tokens", "10000") == 0
     assert dataset_files(out) != before
 

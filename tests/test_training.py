@@ -53,10 +53,12 @@ def runs(tmp_path_factory, tokenizer_path, tiny_dataset):
         "train.eval_every=4",
         "train.eval_batches=2",
         "logging.log_every=1",
+        "optim.grad_clip=0.05",  # small enough to clip at every step: the clipping paths are compared too
     ]
     setups = {
         "ref": ("python", 1, "zero1"),
         "zero0": ("python", 1, "zero0"),
+        "zero2_offload": ("python", 1, "zero2_offload"),  # DeepSpeed's CPU Adam (a C++ op built on first use)
         "zero2": ("deepspeed", 2, "zero2"),
         "zero3": ("torchrun", 2, "zero3"),
     }
@@ -76,9 +78,10 @@ def by_step(run_dir, key):
     return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
 
 
-@pytest.mark.parametrize("name", ["zero0", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["zero0", "zero2_offload", "zero2", "zero3"])
 def test_runs_match_step_for_step(runs, name):
-    """ZeRO-0 on 1 rank, ZeRO-2 and ZeRO-3 on 2 ranks all match the 1-rank ZeRO-1 run (accumulation 2)."""
+    """ZeRO-0 and ZeRO-2 with optimizer offload on 1 rank, ZeRO-2 and ZeRO-3 on 2 ranks: all match the 1-rank
+    ZeRO-1 run (accumulation 2)."""
     ref_loss = by_step(runs["ref"][0], "train/loss")
     loss = by_step(runs[name][0], "train/loss")
     assert sorted(loss) == sorted(ref_loss) == list(range(1, STEPS + 1))
@@ -88,6 +91,7 @@ def test_runs_match_step_for_step(runs, name):
         ref, got = by_step(runs["ref"][0], key), by_step(runs[name][0], key)
         assert sorted(got) == sorted(ref) and all(got[s] == pytest.approx(ref[s], rel=1e-4) for s in ref), key
     assert ref_loss[STEPS] < ref_loss[1] - 0.5  # and it learns
+    assert min(by_step(runs["ref"][0], "train/grad_norm").values()) > 0.05  # so every step was clipped
 
 
 def test_run_dir_holds_resolved_config_and_ds_json(runs):
@@ -136,6 +140,18 @@ def test_bad_config_key_exits_2_naming_it(tmp_path, tokenizer_path, tiny_dataset
     result = pretrain("python", 1, args)
     assert result.returncode == 2
     assert "model.n_layer: unknown key (did you mean n_layers?)" in result.stderr
+
+
+def test_used_run_dir_and_broken_tokenizer_exit_2(tmp_path, runs, tokenizer_path, tiny_dataset):
+    args = tiny_overrides(tokenizer_path, tiny_dataset, runs["ref"][0]) + ["train.global_batch_seqs=8"]
+    result = pretrain("python", 1, args)
+    assert result.returncode == 2 and "train.run_dir: " in result.stderr and "already holds a run" in result.stderr
+    (tmp_path / "broken.model").write_bytes(b"not a model")
+    args = tiny_overrides(tmp_path / "broken.model", tiny_dataset, tmp_path / "r") + ["train.global_batch_seqs=8"]
+    result = pretrain("python", 1, args)
+    assert (
+        result.returncode == 2 and "data.tokenizer: " in result.stderr and "not a sentencepiece model" in result.stderr
+    )
 
 
 def test_missing_shards_and_wrong_tokenizer_exit_2(tmp_path, tokenizer_path, tiny_dataset, speeches):
