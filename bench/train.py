@@ -90,7 +90,8 @@ class EngineRun:
         model = Transformer(MODEL)
         model.init_weights(0)
         train = TrainConfig(ds_config=str(ds_json), micro_batch_seqs=BATCH, global_batch_seqs=BATCH, precision="fp32")
-        self.engine = Engine(model, OPTIM, train, global_batch=BATCH)
+        self.engine = Engine(OPTIM, train, global_batch=BATCH)
+        self.engine.initialize(model)
 
     def step(self, x: torch.Tensor) -> float:
         return self.engine.train_step([x], OPTIM.lr).loss.item()

@@ -17,6 +17,7 @@ scheduler state.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -142,7 +143,8 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
             continue
         seen.add(id(p))
         is_embedding = name.startswith("tok_embeddings") or name.startswith("output")
-        (decay if p.ndim >= 2 and (optim.decay_embeddings or not is_embedding) else no_decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions are flat: ask for the original shape
+        (decay if ndim >= 2 and (optim.decay_embeddings or not is_embedding) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -207,7 +209,11 @@ class StepStats:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig, train: TrainConfig, *, global_batch: int):
+    """Two phases: Engine(...) settles the DeepSpeed config; the caller builds the model inside
+    `engine.model_context()` (ZeRO-3 partitions parameters as they are created, so no rank ever holds the whole
+    model) and initialises it with `engine.gather`; then `engine.initialize(model)`."""
+
+    def __init__(self, optim: OptimConfig, train: TrainConfig, *, global_batch: int):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.precision = resolve_precision(train.precision)
         self.ds_config = build_ds_config(
@@ -218,14 +224,32 @@ class Engine:
             world_size=self.world_size,
             precision=self.precision,
         )
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, optim), config=self.ds_config
-        )
-        self.device = self.ds.device
-        self.zero_stage = self.ds.zero_optimization_stage()
-        self.grad_accum = self.ds.gradient_accumulation_steps()
+        self.optim_cfg = optim
+        self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.grad_clip = optim.grad_clip
         self.manual_clip = manual_clipping(self.zero_stage, self.precision)
+        self.ds = None
+
+    def model_context(self):
+        """Where to build the model: partitioned at creation under ZeRO-3."""
+        if self.zero_stage == 3:
+            return deepspeed.zero.Init(config_dict_or_path=self.ds_config)
+        return contextlib.nullcontext()
+
+    def gather(self, params: list[torch.nn.Parameter]):
+        """Make (partitioned) parameters whole for writing; rank 0's values are kept."""
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        return contextlib.nullcontext()
+
+    def initialize(self, model: torch.nn.Module) -> None:
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, self.optim_cfg), config=self.ds_config
+        )
+        self.device = self.ds.device
+        assert self.ds.zero_optimization_stage() == self.zero_stage
+        assert self.ds.gradient_accumulation_steps() == self.grad_accum
 
     @property
     def module(self) -> torch.nn.Module:

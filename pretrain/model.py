@@ -5,13 +5,15 @@
     logits = model(tokens)                  # (batch, seq) int64 -> (batch, seq, padded_vocab)
 
 The model knows nothing about losses, data or DeepSpeed. Weights are initialised from a seeded generator by
-`init_weights(seed)`, so the same seed gives the same model on any device and any number of ranks.
+`init_weights(seed)`, so the same seed gives the same model on any device and any number of ranks (with ZeRO-3
+the caller passes a `gather` that makes each partitioned weight whole while it is written).
 Rotary embeddings rotate the two halves of each head (the `rotate_half` convention), as Hugging Face's Llama does,
 so weights export without permutation. q/k/v and the SwiGLU gate/up projections are fused into one matmul each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +22,28 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
+
+
+class WeightInit:
+    """Fills weights, in the order the modules ask, from one CPU generator: the same seed gives the same weights
+    on any device. `gather(params)` makes partitioned (ZeRO-3) weights whole while they are written."""
+
+    def __init__(self, seed: int, gather=None):
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.gather = gather or (lambda params: contextlib.nullcontext())
+
+    def normal(self, w: torch.Tensor, std: float) -> None:
+        with self.gather([w]):
+            w.copy_(torch.empty(w.shape, dtype=torch.float32).normal_(0.0, std, generator=self.gen))
+
+    def ones(self, w: torch.Tensor) -> None:
+        with self.gather([w]):
+            w.fill_(1.0)
+
+
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it away (ds_numel)."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def padded_vocab(cfg: ModelConfig) -> int:
@@ -43,8 +67,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
+    def init_weights(self, init: WeightInit) -> None:
+        init.ones(self.weight)
 
 
 def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +110,9 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (batch, n_heads, seq, head_dim)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))  # (batch, seq, d_model)
 
-    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
-        nn.init.normal_(self.wqkv.weight, 0.0, std, generator=gen)
-        nn.init.normal_(self.wo.weight, 0.0, out_std, generator=gen)
+    def init_weights(self, init: WeightInit, std: float, out_std: float) -> None:
+        init.normal(self.wqkv.weight, std)
+        init.normal(self.wo.weight, out_std)
 
 
 class FeedForward(nn.Module):
@@ -104,9 +128,9 @@ class FeedForward(nn.Module):
         gate, up = self.w13(x).chunk(2, dim=-1)  # (batch, seq, hidden) each
         return self.w2(F.silu(gate) * up)
 
-    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w13.weight, 0.0, std, generator=gen)
-        nn.init.normal_(self.w2.weight, 0.0, out_std, generator=gen)
+    def init_weights(self, init: WeightInit, std: float, out_std: float) -> None:
+        init.normal(self.w13.weight, std)
+        init.normal(self.w2.weight, out_std)
 
 
 class TransformerBlock(nn.Module):
@@ -121,11 +145,11 @@ class TransformerBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.feed_forward(self.ffn_norm(x))
 
-    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
-        self.attention_norm.init_weights()
-        self.attention.init_weights(gen, std, out_std)
-        self.ffn_norm.init_weights()
-        self.feed_forward.init_weights(gen, std, out_std)
+    def init_weights(self, init: WeightInit, std: float, out_std: float) -> None:
+        self.attention_norm.init_weights(init)
+        self.attention.init_weights(init, std, out_std)
+        self.ffn_norm.init_weights(init)
+        self.feed_forward.init_weights(init, std, out_std)
 
 
 class Transformer(nn.Module):
@@ -159,25 +183,25 @@ class Transformer(nn.Module):
         return self.output(self.norm(x))  # (batch, seq, padded_vocab)
 
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """Initialise every weight from one CPU generator seeded with `seed` (call before moving to a device)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+    def init_weights(self, seed: int, *, gather=None) -> None:
+        """Initialise every weight from one generator seeded with `seed`; `gather` as in WeightInit."""
+        init = WeightInit(seed, gather)
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual projections: keep the stream's variance flat
-        nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=gen)
+        init.normal(self.tok_embeddings.weight, std)
         for layer in self.layers:
-            layer.init_weights(gen, std, out_std)
-        self.norm.init_weights()
+            layer.init_weights(init, std, out_std)
+        self.norm.init_weights(init)
         if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, 0.0, std, generator=gen)
+            init.normal(self.output.weight, std)
 
     def num_params(self, *, matmul_only: bool = False) -> int:
         """All parameters (a tied embedding counted once), or those that do matmuls: everything but the input
         embedding lookup and the norms, with the output head counted even when tied."""
         if not matmul_only:
-            return sum(p.numel() for p in self.parameters())
+            return sum(numel(p) for p in self.parameters())
         d = self.cfg.d_model
-        per_layer = sum(p.numel() for name, p in self.layers[0].named_parameters() if "norm" not in name)
+        per_layer = sum(numel(p) for name, p in self.layers[0].named_parameters() if "norm" not in name)
         return self.cfg.n_layers * per_layer + d * self.vocab_size
 
     def flops_per_token(self, seq_len: int | None = None) -> int:

@@ -100,11 +100,13 @@ class Trainer:
             if self.eval_batches == 0:
                 self.val_data = None
 
-        model = Transformer(cfg.model)
-        model.init_weights(cfg.train.seed)
+        self.engine = Engine(cfg.optim, cfg.train, global_batch=self.global_batch)
+        with self.engine.model_context():
+            model = Transformer(cfg.model)
+        model.init_weights(cfg.train.seed, gather=self.engine.gather)
         self.flops_per_token = model.flops_per_token(seq_len)
         self.num_params = model.num_params()
-        self.engine = Engine(model, cfg.optim, cfg.train, global_batch=self.global_batch)
+        self.engine.initialize(model)
         self.peak_flops, peak_source = peak_flops_per_device(cfg.train.peak_flops_per_device)
         self.metrics = Metrics(self.run_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard)
         if self.rank == 0:
