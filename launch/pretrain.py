@@ -5,7 +5,9 @@
     python launch/pretrain.py --config launch/configs/demo.yaml          # one process
 
 Arguments after the config are dotted overrides (`section.key=value`, values parsed as YAML).
-Exit status: 0 done, 2 bad configuration or data (the message names the key), 1 anything else.
+Exit status: 0 done; 3 stopped early by a stop signal (SIGTERM, SIGUSR1) or train.max_wall_time, after saving a
+checkpoint: run the same command again to resume; 2 bad configuration, data or checkpoint (the message names the
+key or file); 1 anything else.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import DataError  # noqa: E402
 
 EXIT_CONFIG = 2
+EXIT_STOPPED = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,23 +51,34 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
+def fail(e: Exception) -> int:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {e}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-        from pretrain.trainer import Trainer  # imports torch and DeepSpeed: after the config is known to be good
+    except ConfigError as e:
+        return fail(e)
+    # torch and DeepSpeed are imported only once the config is known to be good
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.trainer import Stopped, Trainer
 
+    try:
         trainer = Trainer(cfg)
         trainer.fit()
-        if args.sample_prompt:
-            text = trainer.sample(args.sample_prompt)
-            if trainer.rank == 0:
-                print(f"\n--- greedy continuation of {args.sample_prompt!r}:\n{args.sample_prompt}{text}\n", flush=True)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except Stopped:
+        return EXIT_STOPPED
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+        return fail(e)
+    if args.sample_prompt:
+        text = trainer.sample(args.sample_prompt)
+        if trainer.rank == 0:
+            print(f"\n--- greedy continuation of {args.sample_prompt!r}:\n{args.sample_prompt}{text}\n", flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,20 @@ class TrainConfig:
     eval_batches: int = 20  # global batches of the validation set per evaluation
     peak_flops_per_device: float | None = None  # for MFU; None: known GPUs by name, on CPU a matmul measured at start
     threads: int | None = None  # torch intra-op threads per process; None: torch's default
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # finish the step, save, exit 3
+    stop_grace_seconds: float = 120.0  # after a stop signal, exit (saved or not) within this many seconds
+    max_wall_time: float | None = None  # seconds: save and exit 3 before the run has been going this long
+    stop_at_step: int | None = None  # save and exit 3 after this step, as if preempted (split a run into jobs)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 1000  # steps between checkpoints; one is also saved at the end and on a stop (0: only those)
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted after a save)
+    keep_every: int = 0  # also keep, permanently, checkpoints whose step is a multiple of this; 0: none
+    resume: str = "auto"  # auto: the newest valid checkpoint of run_dir, if any; none: start fresh; or a tag/path
+    allow_data_change: bool = False  # resume although the training data (manifests, blend, seq_len, seed) changed
+    checksums: bool = True  # sha256 of every file in the completion record, verified before resuming
 
 
 @dataclass
@@ -102,6 +117,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -138,6 +154,12 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.eval_every": (lambda v: v >= 0, "non-negative"),
     "train.eval_batches": (lambda v: v > 0, "positive"),
     "logging.log_every": (lambda v: v > 0, "positive"),
+    "checkpoint.save_every": (lambda v: v >= 0, "non-negative"),
+    "checkpoint.keep_last": (lambda v: v >= 1, "at least 1"),
+    "checkpoint.keep_every": (lambda v: v >= 0, "non-negative"),
+    "train.stop_grace_seconds": (lambda v: v > 0, "positive"),
+    "train.max_wall_time": (lambda v: v > 0, "positive"),
+    "train.stop_at_step": (lambda v: v > 0, "positive"),
 }
 
 
@@ -285,6 +307,9 @@ def validate(cfg: RunConfig) -> None:
         for i, d in enumerate(getattr(cfg.data, key) or []):
             if d.weight <= 0:
                 raise ConfigError(f"data.{key}[{i}].weight: {d.weight} must be positive")
+    for i, name in enumerate(cfg.train.stop_signals):
+        if not isinstance(getattr(signal, name, None), signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(f"train.stop_signals[{i}]: {name!r} is not a signal that can be caught")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr {cfg.optim.lr}")
 

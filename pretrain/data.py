@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,23 @@ class BlendedDataset:
     @property
     def num_samples(self) -> int:
         return sum(d.num_samples for d in self.datasets)
+
+
+def fingerprint(specs: list[DatasetSpec], *, seq_len: int, seed: int) -> dict:
+    """What the training data of a run is, for checking a checkpoint against: each dataset's manifest (which
+    holds every shard's sha256) or, for a bare Megatron prefix, its index hash and data size; weights; packing."""
+    items = []
+    for spec in specs:
+        path = Path(spec.path)
+        if (path / "manifest.json").is_file():
+            content = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        else:
+            prefix = _strip_ext(path)
+            idx = shard_file(prefix, ".idx")
+            content = hashlib.sha256(idx.read_bytes()).hexdigest() if idx.is_file() else "missing"
+            content += f":{shard_file(prefix, '.bin').stat().st_size if shard_file(prefix, '.bin').is_file() else -1}"
+        items.append({"path": str(spec.path), "weight": spec.weight, "content": content})
+    return {"datasets": items, "seq_len": seq_len, "seed": seed}
 
 
 def build_dataset(

@@ -17,18 +17,33 @@ log = logging.getLogger("pretrain")
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, *, rank: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, *, rank: int, tensorboard: bool, start_step: int = 0):
+        """`start_step`: the step the run (re)starts from; what an earlier attempt logged after it is dropped, so
+        the curves continue without duplicates."""
         self.rank = rank
         self.writer = None
         self.jsonl = None
         self.logdir = Path(run_dir) / "tensorboard"
         if rank == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
+            path = Path(run_dir) / "metrics.jsonl"
+            kept = []
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] <= start_step:
+                            kept.append(line + "\n")
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        pass  # a line cut by a crash
+            from pretrain.fileutil import write_bytes_atomic
+
+            write_bytes_atomic(path, "".join(kept).encode())
+            self.jsonl = open(path, "a", buffering=1)  # line-buffered: a killed run loses no logged line
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(self.logdir))
+                # purge_step: events an earlier attempt wrote at later steps are hidden from the curves
+                self.writer = SummaryWriter(log_dir=str(self.logdir), purge_step=start_step + 1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.rank != 0:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +21,10 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from pretrain.config import ConfigError, RunConfig, TrainConfig, global_batch_seqs, to_yaml
-from pretrain.data import BatchPlan, build_dataset
+from pretrain import checkpoint
+from pretrain.checkpoint import CheckpointError
+from pretrain.config import ConfigError, RunConfig, TrainConfig, global_batch_seqs, to_dict, to_yaml
+from pretrain.data import BatchPlan, build_dataset, fingerprint
 from pretrain.engine import Engine, lr_at, peak_flops_per_device, tune_cpu_allocator
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
 from pretrain.generate import greedy
@@ -49,6 +53,36 @@ def total_steps(train: TrainConfig, tokens_per_step: int) -> int:
     return min(train.max_steps, math.ceil(train.max_tokens / tokens_per_step))
 
 
+EXIT_STOPPED = 3  # stopped early by a signal or max_wall_time, after saving a checkpoint: run again to resume
+
+
+class Stopped(Exception):
+    """The run stopped early after saving a checkpoint."""
+
+
+class StopRequest:
+    """Signal handlers: the first stop signal asks the loop to save and exit (within `grace` seconds, saved or
+    not); a second one exits at once."""
+
+    def __init__(self, names: list[str], grace: float):
+        self.signal_name: str | None = None
+        self.grace = grace
+        for name in names:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is not None:
+            os._exit(128 + signum)
+        self.signal_name = name
+        timer = threading.Timer(self.grace, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+        log.warning(
+            "%s received: finishing the step, saving a checkpoint and exiting (within %.0f s)", name, self.grace
+        )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -59,10 +93,8 @@ class Trainer:
             tune_cpu_allocator()
         self.run_dir = Path(cfg.train.run_dir)
 
-        if (self.run_dir / "metrics.jsonl").exists():
-            raise ConfigError(
-                f"train.run_dir: {self.run_dir} already holds a run (metrics.jsonl); choose another run_dir or delete it"
-            )
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.started = time.monotonic()
         try:
             self.tokenizer = Tokenizer(cfg.data.tokenizer)
         except (FileNotFoundError, ValueError) as e:
@@ -107,8 +139,13 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(seq_len)
         self.num_params = model.num_params()
         self.engine.initialize(model)
+        self.data_fingerprint = fingerprint(cfg.data.datasets, seq_len=seq_len, seed=cfg.data.seed)
+        self.start_step = self.resume()
+        self.stop = StopRequest(cfg.train.stop_signals, cfg.train.stop_grace_seconds)
         self.peak_flops, peak_source = peak_flops_per_device(cfg.train.peak_flops_per_device)
-        self.metrics = Metrics(self.run_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard)
+        self.metrics = Metrics(
+            self.run_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard, start_step=self.start_step
+        )
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(self.run_dir / "config.yaml", to_yaml(cfg).encode())
@@ -122,14 +159,19 @@ class Trainer:
         )
 
     def fit(self) -> dict:
-        """Train until max_steps / max_tokens; returns the last logged scalars."""
-        step, last = 0, {}
+        """Train until max_steps / max_tokens, saving as configured; returns the last logged scalars.
+
+        Raises Stopped after saving a checkpoint when a stop signal arrived or max_wall_time is near.
+        """
+        step, last = self.start_step, {}
         window_start, window_steps = time.perf_counter(), 0
         while step < self.total_steps:
+            step_start = time.perf_counter()
             lr = lr_at(step, self.cfg.optim, self.total_steps)
             stats = self.engine.train_step(self.train_data.batch(step, self.plan), lr)
             step += 1
             window_steps += 1
+            self.step_seconds = time.perf_counter() - step_start
             final = step == self.total_steps
             if step % self.cfg.logging.log_every == 0 or final:
                 seconds = time.perf_counter() - window_start
@@ -139,8 +181,142 @@ class Trainer:
                 eval_start = time.perf_counter()
                 last.update(self.evaluate(step))
                 window_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
+            reason = self.stop_reason(step)
+            every = self.cfg.checkpoint.save_every
+            if (every and step % every == 0) or final or reason:
+                save_start = time.perf_counter()
+                self.save(step)
+                self.save_seconds = time.perf_counter() - save_start
+                window_start += self.save_seconds
+            if reason and not final:
+                self.metrics.console(f"stopping at step {step}: {reason}; resume with the same command")
+                self.metrics.close()
+                raise Stopped(reason)
         self.metrics.close()
         return last
+
+    def stop_reason(self, step: int) -> str | None:
+        """A stop signal on any rank, or max_wall_time about to pass: every rank gets the same answer."""
+        local = 0
+        limit = self.cfg.train.max_wall_time
+        if self.stop.signal_name:
+            local = 1
+        elif step == self.cfg.train.stop_at_step:
+            local = 3
+        elif limit is not None:
+            margin = 2 * self.step_seconds + getattr(self, "save_seconds", 2 * self.step_seconds)
+            local = 2 if time.monotonic() - self.started + margin > limit else 0
+        flag = torch.tensor([local], dtype=torch.int32, device=self.engine.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        code = int(flag.item())
+        if code == 3:
+            return f"train.stop_at_step {step}"
+        if code == 2:
+            return f"train.max_wall_time of {limit:.0f} s is near"
+        return f"{self.stop.signal_name or 'a stop signal'} received" if code == 1 else None
+
+    def save(self, step: int) -> None:
+        meta = {
+            "step": step,
+            "consumed_samples": step * self.global_batch,
+            "tokens_seen": step * self.global_batch * self.cfg.model.seq_len,
+            "global_batch": self.global_batch,
+            "world_size": self.world_size,
+            "zero_stage": self.engine.zero_stage,
+            "config": to_dict(self.cfg),
+            "data_fingerprint": self.data_fingerprint,
+        }
+        ck = self.cfg.checkpoint
+        self.metrics.flush()  # everything logged up to this step is on disk before the checkpoint exists
+        tag = checkpoint.save(self.engine.ds, self.ckpt_dir, step, meta, checksums=ck.checksums)
+        if self.rank == 0:
+            removed = checkpoint.prune(self.ckpt_dir, keep_last=ck.keep_last, keep_every=ck.keep_every, protect=tag)
+            self.metrics.console(
+                f"saved {self.ckpt_dir / tag}" + (f" (removed {', '.join(removed)})" if removed else "")
+            )
+
+    def resume(self) -> int:
+        """Load the checkpoint checkpoint.resume names (auto: the newest valid one); returns its step (0: none)."""
+        ck = self.cfg.checkpoint
+        if ck.resume == "none":
+            if checkpoint.list_checkpoints(self.ckpt_dir):
+                raise ConfigError(
+                    f"checkpoint.resume: none, but {self.ckpt_dir} holds checkpoints of an earlier run; use another "
+                    "train.run_dir, or resume it (checkpoint.resume=auto)"
+                )
+            return 0
+        found = [None, None]
+        if self.rank == 0:
+            found = self._find_checkpoint(ck.resume)
+        torch.distributed.broadcast_object_list(found, src=0)
+        src, tag = found
+        if isinstance(src, Exception):
+            raise src
+        if tag is None:
+            return 0
+        src = Path(src)
+        meta = checkpoint.read_meta(src, tag)
+        self._check_compatible(src / tag, meta)
+        load_path, _ = self.engine.ds.load_checkpoint(str(src), tag=tag)
+        if load_path is None:
+            raise CheckpointError(f"{src / tag}: DeepSpeed could not load it")
+        rng = checkpoint.read_rng(src, tag, self.rank)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", src / tag, meta["step"])
+        return meta["step"]
+
+    def _find_checkpoint(self, resume: str) -> list:
+        """[checkpoints directory, tag] to resume from ([.., None]: start fresh), or [error, None]."""
+        ck = self.cfg.checkpoint
+        try:
+            if resume == "auto":
+                return [str(self.ckpt_dir), checkpoint.newest_valid(self.ckpt_dir, checksums=ck.checksums)]
+            path = Path(resume)
+            if path.is_dir() and (path / checkpoint.RECORD).exists() or (path / checkpoint.META).exists():
+                src, tag = path.parent, path.name
+            elif path.is_dir():
+                src, tag = path, checkpoint.newest_valid(path, checksums=ck.checksums)
+                if tag is None:
+                    raise ConfigError(f"checkpoint.resume: {path} holds no valid checkpoint")
+            else:
+                src, tag = self.ckpt_dir, resume
+            problem = checkpoint.validate(src, tag, checksums=ck.checksums)
+            if problem:
+                raise ConfigError(f"checkpoint.resume: {problem}")
+            return [str(src), tag]
+        except (ConfigError, CheckpointError) as e:
+            return [e, None]
+
+    def _check_compatible(self, where: Path, meta: dict) -> None:
+        old_model = dict(meta["config"]["model"])
+        new_model = to_dict(self.cfg.model)
+        for key in ("activation_checkpointing",):  # may change between attempts
+            old_model.pop(key, None)
+            new_model.pop(key, None)
+        diff = [
+            f"model.{k}: {old_model.get(k)!r} -> {new_model.get(k)!r}"
+            for k in new_model
+            if old_model.get(k) != new_model.get(k)
+        ]
+        if diff:
+            raise CheckpointError(f"{where}: the model differs from the checkpoint's: {'; '.join(diff)}")
+        if meta["global_batch"] != self.global_batch:
+            raise CheckpointError(
+                f"{where}: trained with a global batch of {meta['global_batch']} sequences, this run has "
+                f"{self.global_batch}; the data position is counted in batches, so it must stay the same"
+            )
+        if meta["data_fingerprint"] != self.data_fingerprint and not self.cfg.checkpoint.allow_data_change:
+            raise CheckpointError(
+                f"{where}: the training data differs from the checkpoint's (datasets, their contents, weights, "
+                "seq_len or data.seed); set checkpoint.allow_data_change=true if that is deliberate"
+            )
+        if meta["world_size"] != self.world_size and self.engine.zero_stage > 0:
+            raise CheckpointError(
+                f"{where}: saved by {meta['world_size']} rank(s) with ZeRO-{meta['zero_stage']}; resuming ZeRO "
+                f"checkpoints on a different number of ranks ({self.world_size}) is not supported yet"
+            )
 
     def log_step(self, step: int, stats, lr: float, seconds: float, steps: int) -> dict:
         loss = self.engine.mean_across_ranks(stats.loss).item()

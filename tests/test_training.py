@@ -142,10 +142,11 @@ def test_bad_config_key_exits_2_naming_it(tmp_path, tokenizer_path, tiny_dataset
     assert "model.n_layer: unknown key (did you mean n_layers?)" in result.stderr
 
 
-def test_used_run_dir_and_broken_tokenizer_exit_2(tmp_path, runs, tokenizer_path, tiny_dataset):
+def test_reused_run_dir_and_broken_tokenizer_exit_2(tmp_path, runs, tokenizer_path, tiny_dataset):
     args = tiny_overrides(tokenizer_path, tiny_dataset, runs["ref"][0]) + ["train.global_batch_seqs=8"]
-    result = pretrain("python", 1, args)
-    assert result.returncode == 2 and "train.run_dir: " in result.stderr and "already holds a run" in result.stderr
+    result = pretrain("python", 1, [*args, "checkpoint.resume=none"])
+    assert result.returncode == 2 and "checkpoint.resume: none, but" in result.stderr
+    assert "holds checkpoints of an earlier run" in result.stderr
     (tmp_path / "broken.model").write_bytes(b"not a model")
     args = tiny_overrides(tmp_path / "broken.model", tiny_dataset, tmp_path / "r") + ["train.global_batch_seqs=8"]
     result = pretrain("python", 1, args)
