@@ -7,7 +7,8 @@
 Arguments after the config are dotted overrides (`section.key=value`, values parsed as YAML).
 Exit status: 0 done; 3 stopped early by a stop signal (SIGTERM, SIGUSR1) or train.max_wall_time, after saving a
 checkpoint: run the same command again to resume; 2 bad configuration, data or checkpoint (the message names the
-key or file); 1 anything else.
+key or file); 4 stopped after train.max_bad_steps consecutive steps with non-finite loss or gradients (each
+skipped; the last good checkpoint is untouched); 1 anything else.
 """
 
 from __future__ import annotations
@@ -66,13 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     # torch and DeepSpeed are imported only once the config is known to be good
     from pretrain.checkpoint import CheckpointError
-    from pretrain.trainer import Stopped, Trainer
+    from pretrain.trainer import EXIT_NON_FINITE, NonFinite, Stopped, Trainer
 
     try:
         trainer = Trainer(cfg)
         trainer.fit()
     except Stopped:
         return EXIT_STOPPED
+    except NonFinite as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         return fail(e)
     if args.sample_prompt:

@@ -92,6 +92,7 @@ class TrainConfig:
     stop_grace_seconds: float = 120.0  # after a stop signal, exit (saved or not) within this many seconds
     max_wall_time: float | None = None  # seconds: save and exit 3 before the run has been going this long
     stop_at_step: int | None = None  # save and exit 3 after this step, as if preempted (split a run into jobs)
+    max_bad_steps: int = 5  # consecutive steps with non-finite loss/gradients (each skipped) before the run stops
 
 
 @dataclass
@@ -160,6 +161,7 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.stop_grace_seconds": (lambda v: v > 0, "positive"),
     "train.max_wall_time": (lambda v: v > 0, "positive"),
     "train.stop_at_step": (lambda v: v > 0, "positive"),
+    "train.max_bad_steps": (lambda v: v > 0, "positive"),
 }
 
 

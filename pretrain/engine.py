@@ -205,7 +205,8 @@ def tune_cpu_allocator() -> bool:
 @dataclass
 class StepStats:
     loss: torch.Tensor  # mean loss over this rank's micro-batches (not reduced across ranks)
-    grad_norm: torch.Tensor | float | None  # global gradient norm before clipping
+    grad_norm: float | None  # global gradient norm before clipping (inf or nan: the update was skipped)
+    applied: bool  # False: non-finite gradients, the weights and the optimizer state were left as they were
 
 
 class Engine:
@@ -277,12 +278,18 @@ class Engine:
             if self.manual_clip and self.ds.is_gradient_accumulation_boundary():
                 # gradients are averaged across ranks by now; clip_grad_norm_ returns the norm before clipping
                 max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), max_norm, foreach=True)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), max_norm, foreach=True))
+                if not math.isfinite(grad_norm):  # torch's AdamW skips parameters without a gradient: no update
+                    for p in self.ds.module.parameters():
+                        p.grad = None
             self.ds.step()
             total += loss.detach()
         if not self.manual_clip:
-            grad_norm = self.ds.get_global_grad_norm()
-        return StepStats(loss=total / len(micro_batches), grad_norm=grad_norm)
+            # ZeRO skips the update itself when the norm is not finite (and reports inf)
+            norm = self.ds.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+        applied = grad_norm is None or math.isfinite(grad_norm)
+        return StepStats(loss=total / len(micro_batches), grad_norm=grad_norm, applied=applied)
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list) -> torch.Tensor:

@@ -60,6 +60,13 @@ class Stopped(Exception):
     """The run stopped early after saving a checkpoint."""
 
 
+EXIT_NON_FINITE = 4  # too many consecutive non-finite steps; the last good checkpoint is left as it was
+
+
+class NonFinite(Exception):
+    """The run stopped because the loss or gradients stayed non-finite."""
+
+
 class StopRequest:
     """Signal handlers: the first stop signal asks the loop to save and exit (within `grace` seconds, saved or
     not); a second one exits at once."""
@@ -142,6 +149,9 @@ class Trainer:
         self.data_fingerprint = fingerprint(cfg.data.datasets, seq_len=seq_len, seed=cfg.data.seed)
         self.start_step = self.resume()
         self.stop = StopRequest(cfg.train.stop_signals, cfg.train.stop_grace_seconds)
+        self.bad_steps = 0  # consecutive steps whose update was skipped (non-finite)
+        self.step_seconds = 0.0
+        self.save_seconds = 0.0  # the last save's duration
         self.peak_flops, peak_source = peak_flops_per_device(cfg.train.peak_flops_per_device)
         self.metrics = Metrics(
             self.run_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard, start_step=self.start_step
@@ -169,6 +179,7 @@ class Trainer:
             step_start = time.perf_counter()
             lr = lr_at(step, self.cfg.optim, self.total_steps)
             stats = self.engine.train_step(self.train_data.batch(step, self.plan), lr)
+            self.check_finite(step, stats)
             step += 1
             window_steps += 1
             self.step_seconds = time.perf_counter() - step_start
@@ -183,7 +194,8 @@ class Trainer:
                 window_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
             reason = self.stop_reason(step)
             every = self.cfg.checkpoint.save_every
-            if (every and step % every == 0) or final or reason:
+            periodic = (every and step % every == 0) or final
+            if reason or (periodic and not self.bad_steps):  # no periodic save in a run of skipped steps
                 save_start = time.perf_counter()
                 self.save(step)
                 self.save_seconds = time.perf_counter() - save_start
@@ -195,6 +207,33 @@ class Trainer:
         self.metrics.close()
         return last
 
+    def check_finite(self, step: int, stats) -> None:
+        """Count consecutive skipped (non-finite) steps; stop the run after train.max_bad_steps of them."""
+        if stats.applied:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        start, stop = step * self.global_batch, (step + 1) * self.global_batch
+        loss = self.engine.mean_across_ranks(stats.loss).item()
+        log.warning(
+            "step %d: non-finite loss or gradients (loss %s, grad norm %s): the update was skipped; global samples "
+            "[%d, %d) (%d consecutive)",
+            step + 1,
+            loss,
+            stats.grad_norm,
+            start,
+            stop,
+            self.bad_steps,
+        )
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            latest = self.ckpt_dir / checkpoint.LATEST
+            good = latest.read_text().strip() if latest.is_file() else "none"
+            self.metrics.close()
+            raise NonFinite(
+                f"{self.bad_steps} consecutive steps with non-finite loss or gradients (train.max_bad_steps), the "
+                f"last at step {step + 1}; the last good checkpoint is {self.ckpt_dir / good if good != 'none' else 'none'}"
+            )
+
     def stop_reason(self, step: int) -> str | None:
         """A stop signal on any rank, or max_wall_time about to pass: every rank gets the same answer."""
         local = 0
@@ -204,7 +243,7 @@ class Trainer:
         elif step == self.cfg.train.stop_at_step:
             local = 3
         elif limit is not None:
-            margin = 2 * self.step_seconds + getattr(self, "save_seconds", 2 * self.step_seconds)
+            margin = 2 * self.step_seconds + (self.save_seconds or 2 * self.step_seconds)
             local = 2 if time.monotonic() - self.started + margin > limit else 0
         flag = torch.tensor([local], dtype=torch.int32, device=self.engine.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -320,7 +359,7 @@ class Trainer:
 
     def log_step(self, step: int, stats, lr: float, seconds: float, steps: int) -> dict:
         loss = self.engine.mean_across_ranks(stats.loss).item()
-        grad_norm = stats.grad_norm.item() if isinstance(stats.grad_norm, torch.Tensor) else stats.grad_norm
+        grad_norm = stats.grad_norm
         tokens = steps * self.global_batch * self.cfg.model.seq_len
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/step_time": seconds / steps}
         values.update(

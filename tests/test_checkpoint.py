@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -69,6 +70,15 @@ def test_resume_is_bit_exact(tmp_path, tokenizer_path, tiny_dataset, second_data
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     kept = sorted(c.tag for c in checkpoint.list_checkpoints(split / "checkpoints"))
     assert kept == ["step_00000003", "step_00000004", "step_00000006"]  # saved 2, 3 (stop), 4, 6; keep_last 3
+    if stage in (0, 3):  # the CLI lists them and consolidates one fp32 state dict, without and with ZeRO
+        cli = [sys.executable, str(REPO / "launch/checkpoints.py")]
+        r = subprocess.run([*cli, "list", str(split)], capture_output=True, text=True)
+        assert r.returncode == 0 and "step_00000006            6" in r.stdout and "valid (latest)" in r.stdout
+        out = tmp_path / "model.pt"
+        r = subprocess.run([*cli, "consolidate", str(split), "--output", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        state = torch.load(out, weights_only=True)
+        assert state.keys() == b.keys() and all(torch.equal(state[k], b[k]) for k in b)
     # tensorboard continues at the right steps, without duplicates
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 

@@ -1,0 +1,85 @@
+"""Inspect and convert the checkpoints of a run.
+
+    python launch/checkpoints.py list runs/demo                       # every checkpoint: step, size, validity
+    python launch/checkpoints.py list runs/demo --checksums           # ... verifying every sha256 as well
+    python launch/checkpoints.py consolidate runs/demo --output model.pt [--tag step_00000300]
+
+`consolidate` writes the model's full fp32 state dict (one file, torch.save; DeepSpeed's zero_to_fp32 for ZeRO
+checkpoints) from the newest valid checkpoint or --tag, for export and evaluation. Exit status 1 on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pretrain` is the package, not a script
+
+
+def ckpt_dir(run: str) -> Path:
+    path = Path(run)
+    return path if path.name == "checkpoints" else path / "checkpoints"
+
+
+def cmd_list(args) -> int:
+    from pretrain import checkpoint
+
+    listed = checkpoint.list_checkpoints(ckpt_dir(args.run), checksums=args.checksums)
+    if not listed:
+        print(f"{ckpt_dir(args.run)}: no checkpoints")
+        return 1
+    latest = ckpt_dir(args.run) / checkpoint.LATEST
+    pointer = latest.read_text().strip() if latest.is_file() else None
+    print(f"{'tag':<16} {'step':>9} {'size':>10}  state")
+    for c in listed:
+        mark = " (latest)" if c.tag == pointer else ""
+        print(
+            f"{c.tag:<16} {c.step:>9,} {c.bytes / 2**20:>8.1f} MiB  {'valid' if c.problem is None else c.problem}{mark}"
+        )
+    return 0
+
+
+def cmd_consolidate(args) -> int:
+    import torch
+
+    from pretrain import checkpoint
+    from pretrain.fileutil import commit, tmp_name
+
+    src = ckpt_dir(args.run)
+    tag = args.tag or checkpoint.newest_valid(src)
+    if tag is None:
+        print(f"error: {src}: no valid checkpoint", file=sys.stderr)
+        return 1
+    problem = checkpoint.validate(src, tag)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    state = checkpoint.consolidate(src, tag)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp_name(out))
+    commit(tmp_name(out), out)
+    n = sum(t.numel() for t in state.values())
+    print(f"{src / tag} -> {out}: {len(state)} tensors, {n:,} parameters (fp32)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="list checkpoints with step, size and validity")
+    ls.add_argument("run", help="run directory (or its checkpoints/ directory)")
+    ls.add_argument("--checksums", action="store_true", help="verify sha256 of every file (reads everything)")
+    co = sub.add_parser("consolidate", help="write one fp32 state dict")
+    co.add_argument("run", help="run directory (or its checkpoints/ directory)")
+    co.add_argument("--tag", help="checkpoint tag (default: the newest valid one)")
+    co.add_argument("--output", required=True, help="file to write (torch.save of the state dict)")
+    args = p.parse_args(argv)
+    return {"list": cmd_list, "consolidate": cmd_consolidate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
