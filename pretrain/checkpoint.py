@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +81,13 @@ def save(ds_engine, ckpt_dir: Path, step: int, meta: dict, *, checksums: bool = 
     if rank == 0 and target.exists():  # a leftover of an interrupted save of the same step
         shutil.rmtree(target)
     dist.barrier()
-    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"pretrain": meta}, save_latest=False)
+    from deepspeed.checkpoint import constants as ds_constants
+
+    # A plain data-parallel model: DeepSpeed's universal format needs no more than its version to convert it
+    # (for resuming on another number of ranks).
+    universal = {ds_constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds_constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    client_state = {"pretrain": meta, ds_constants.UNIVERSAL_CHECKPOINT_INFO: universal}
+    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     write_bytes_atomic(target / f"rng_rank_{rank}.pt", _serialize(rng_state()))
     if rank == 0:
         write_json_atomic(target / META, meta)
@@ -186,6 +195,30 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
+def universal_tag(tag: str) -> str:
+    return f"{tag}.universal"
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (once), next to it: <tag>.universal/.
+    Written under a temporary name and renamed when complete. Rank 0 only."""
+    out = ckpt_dir / universal_tag(tag)
+    if out.is_dir():
+        return out
+    tmp = ckpt_dir / (universal_tag(tag) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+        "--num_merge_workers", "1",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CheckpointError(f"{ckpt_dir / tag}: conversion to the universal format failed:\n{result.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- prune
 def prune(ckpt_dir: Path, *, keep_last: int, keep_every: int, protect: str) -> list[str]:
     """Delete complete checkpoints beyond the newest `keep_last`, except multiples of `keep_every` steps and
@@ -201,5 +234,6 @@ def prune(ckpt_dir: Path, *, keep_last: int, keep_every: int, protect: str) -> l
         if c.tag in keep or c.step > protect_step:
             continue
         shutil.rmtree(ckpt_dir / c.tag, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / universal_tag(c.tag), ignore_errors=True)
         removed.append(c.tag)
     return removed

@@ -214,7 +214,7 @@ class Engine:
     `engine.model_context()` (ZeRO-3 partitions parameters as they are created, so no rank ever holds the whole
     model) and initialises it with `engine.gather`; then `engine.initialize(model)`."""
 
-    def __init__(self, optim: OptimConfig, train: TrainConfig, *, global_batch: int):
+    def __init__(self, optim: OptimConfig, train: TrainConfig, *, global_batch: int, load_universal: bool = False):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.precision = resolve_precision(train.precision)
         self.ds_config = build_ds_config(
@@ -225,12 +225,23 @@ class Engine:
             world_size=self.world_size,
             precision=self.precision,
         )
+        self.load_universal = load_universal
+        if load_universal:  # the checkpoint to resume was saved by another number of ranks or ZeRO stage
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.optim_cfg = optim
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.grad_clip = optim.grad_clip
         self.manual_clip = manual_clipping(self.zero_stage, self.precision)
         self.ds = None
+
+    @staticmethod
+    def stage_of(ds_config_path: str) -> int:
+        """The ZeRO stage a ds_configs JSON asks for (0 when unreadable: build_ds_config reports that)."""
+        try:
+            return int(json.loads(Path(ds_config_path).read_text()).get("zero_optimization", {}).get("stage", 0))
+        except (OSError, ValueError, AttributeError):
+            return 0
 
     def model_context(self):
         """Where to build the model: partitioned at creation under ZeRO-3."""
@@ -245,8 +256,10 @@ class Engine:
         return contextlib.nullcontext()
 
     def initialize(self, model: torch.nn.Module) -> None:
+        groups = param_groups(model, self.optim_cfg)
+        self.group_weight_decay = [g["weight_decay"] for g in groups]
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.optim_cfg), config=self.ds_config
+            model=model, model_parameters=groups, config=self.ds_config
         )
         self.device = self.ds.device
         assert self.ds.zero_optimization_stage() == self.zero_stage
@@ -255,6 +268,15 @@ class Engine:
     @property
     def module(self) -> torch.nn.Module:
         return self.ds.module
+
+    def load(self, ckpt_dir: str, tag: str) -> str | None:
+        """Load a checkpoint (DeepSpeed's load_checkpoint); returns its path, None if DeepSpeed found nothing."""
+        path, _ = self.ds.load_checkpoint(ckpt_dir, tag=tag)
+        # ZeRO-3's universal loader gives every parameter group the first group's settings; ours differ in weight
+        # decay (none on norms and embeddings), so they are set again.
+        for group, weight_decay in zip(self.optimizer.param_groups, self.group_weight_decay, strict=True):
+            group["weight_decay"] = weight_decay
+        return path
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -139,15 +139,18 @@ class Trainer:
             if self.eval_batches == 0:
                 self.val_data = None
 
-        self.engine = Engine(cfg.optim, cfg.train, global_batch=self.global_batch)
+        self.data_fingerprint = fingerprint(cfg.data.datasets, seq_len=seq_len, seed=cfg.data.seed)
+        self.resume_from = self.find_resume()  # (checkpoints dir, tag, meta) or None; checked against this run
+        self.engine = Engine(
+            cfg.optim, cfg.train, global_batch=self.global_batch, load_universal=self._needs_universal()
+        )
         with self.engine.model_context():
             model = Transformer(cfg.model)
         model.init_weights(cfg.train.seed, gather=self.engine.gather)
         self.flops_per_token = model.flops_per_token(seq_len)
         self.num_params = model.num_params()
         self.engine.initialize(model)
-        self.data_fingerprint = fingerprint(cfg.data.datasets, seq_len=seq_len, seed=cfg.data.seed)
-        self.start_step = self.resume()
+        self.start_step = self.load_resume()
         self.stop = StopRequest(cfg.train.stop_signals, cfg.train.stop_grace_seconds)
         self.bad_steps = 0  # consecutive steps whose update was skipped (non-finite)
         self.step_seconds = 0.0
@@ -274,8 +277,8 @@ class Trainer:
                 f"saved {self.ckpt_dir / tag}" + (f" (removed {', '.join(removed)})" if removed else "")
             )
 
-    def resume(self) -> int:
-        """Load the checkpoint checkpoint.resume names (auto: the newest valid one); returns its step (0: none)."""
+    def find_resume(self) -> tuple[Path, str, dict] | None:
+        """The checkpoint checkpoint.resume names (auto: the newest valid one), checked against this run."""
         ck = self.cfg.checkpoint
         if ck.resume == "none":
             if checkpoint.list_checkpoints(self.ckpt_dir):
@@ -283,7 +286,7 @@ class Trainer:
                     f"checkpoint.resume: none, but {self.ckpt_dir} holds checkpoints of an earlier run; use another "
                     "train.run_dir, or resume it (checkpoint.resume=auto)"
                 )
-            return 0
+            return None
         found = [None, None]
         if self.rank == 0:
             found = self._find_checkpoint(ck.resume)
@@ -292,15 +295,42 @@ class Trainer:
         if isinstance(src, Exception):
             raise src
         if tag is None:
+            return None
+        meta = checkpoint.read_meta(Path(src), tag)
+        self._check_compatible(Path(src) / tag, meta)
+        return Path(src), tag, meta
+
+    def _needs_universal(self) -> bool:
+        """ZeRO states saved by another number of ranks (or another stage) load through DeepSpeed's universal
+        checkpoint format, converted once next to the original."""
+        if self.resume_from is None:
+            return False
+        meta = self.resume_from[2]
+        stage = Engine.stage_of(self.cfg.train.ds_config)
+        return meta["zero_stage"] > 0 and (meta["world_size"] != self.world_size or meta["zero_stage"] != stage)
+
+    def load_resume(self) -> int:
+        """Load the checkpoint found by find_resume into the engine; returns its step (0: none)."""
+        if self.resume_from is None:
             return 0
-        src = Path(src)
-        meta = checkpoint.read_meta(src, tag)
-        self._check_compatible(src / tag, meta)
-        load_path, _ = self.engine.ds.load_checkpoint(str(src), tag=tag)
+        src, tag, meta = self.resume_from
+        load_tag = tag
+        if self.engine.load_universal:
+            if self.rank == 0:
+                log.info(
+                    "converting %s (%d ranks, ZeRO-%d) to DeepSpeed's universal format",
+                    src / tag,
+                    meta["world_size"],
+                    meta["zero_stage"],
+                )
+                checkpoint.to_universal(src, tag)
+            torch.distributed.barrier()
+            load_tag = checkpoint.universal_tag(tag)
+        load_path = self.engine.load(str(src), load_tag)
         if load_path is None:
-            raise CheckpointError(f"{src / tag}: DeepSpeed could not load it")
+            raise CheckpointError(f"{src / load_tag}: DeepSpeed could not load it")
         rng = checkpoint.read_rng(src, tag, self.rank)
-        if rng is not None:
+        if rng is not None and meta["world_size"] == self.world_size:
             checkpoint.set_rng_state(rng)
         if self.rank == 0:
             log.info("resumed from %s at step %d", src / tag, meta["step"])
@@ -351,10 +381,18 @@ class Trainer:
                 f"{where}: the training data differs from the checkpoint's (datasets, their contents, weights, "
                 "seq_len or data.seed); set checkpoint.allow_data_change=true if that is deliberate"
             )
-        if meta["world_size"] != self.world_size and self.engine.zero_stage > 0:
+        stage = Engine.stage_of(self.cfg.train.ds_config)
+        moved = meta["world_size"] != self.world_size or meta["zero_stage"] != stage
+        if moved and 3 in (meta["zero_stage"], stage):
             raise CheckpointError(
-                f"{where}: saved by {meta['world_size']} rank(s) with ZeRO-{meta['zero_stage']}; resuming ZeRO "
-                f"checkpoints on a different number of ranks ({self.world_size}) is not supported yet"
+                f"{where}: saved by {meta['world_size']} rank(s) with ZeRO-{meta['zero_stage']}; resuming it on "
+                f"{self.world_size} rank(s) with ZeRO-{stage} is not supported for ZeRO-3 yet (through DeepSpeed's "
+                "universal format its optimizer state does not continue exactly); ZeRO-1 and -2 can move"
+            )
+        if (meta["zero_stage"] == 0) != (stage == 0):
+            raise CheckpointError(
+                f"{where}: saved with ZeRO-{meta['zero_stage']}, this run uses ZeRO-{stage}; moving between no ZeRO "
+                "and ZeRO is not supported (between ZeRO stages 1-3, and across numbers of ranks, it is)"
             )
 
     def log_step(self, step: int, stats, lr: float, seconds: float, steps: int) -> dict:

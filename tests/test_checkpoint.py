@@ -54,11 +54,26 @@ def losses(run_dir):
     return [(m["step"], m["train/loss"]) for m in read_metrics(run_dir) if "train/loss" in m]
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tokenizer_path, tiny_dataset, second_dataset):
+    """Uninterrupted runs, made once per (ZeRO stage, number of ranks)."""
+    made = {}
+
+    def get(stage: int, nproc: int):
+        if (stage, nproc) not in made:
+            run_dir = tmp_path_factory.mktemp(f"full_zero{stage}_{nproc}ranks")
+            kind = "torchrun" if nproc > 1 else "python"
+            r = launch(kind, nproc, blended_args(tokenizer_path, tiny_dataset, second_dataset, run_dir, stage))
+            assert r.returncode == 0, r.stderr[-3000:]
+            made[stage, nproc] = run_dir
+        return made[stage, nproc]
+
+    return get
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_resume_is_bit_exact(tmp_path, tokenizer_path, tiny_dataset, second_dataset, stage):
-    full, split = tmp_path / "full", tmp_path / "split"
-    r = launch("torchrun", 2, blended_args(tokenizer_path, tiny_dataset, second_dataset, full, stage))
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_resume_is_bit_exact(tmp_path, tokenizer_path, tiny_dataset, second_dataset, full_run, stage):
+    full, split = full_run(stage, 2), tmp_path / "split"
     args = blended_args(tokenizer_path, tiny_dataset, second_dataset, split, stage)
     r = launch("torchrun", 2, [*args, "train.stop_at_step=3"])  # stops as if preempted: saves step 3, exits 3
     assert r.returncode != 0 and "stopping at step 3: train.stop_at_step 3" in r.stderr, r.stderr[-3000:]
@@ -85,6 +100,37 @@ def test_resume_is_bit_exact(tmp_path, tokenizer_path, tiny_dataset, second_data
     acc = EventAccumulator(str(split / "tensorboard"), size_guidance={SCALARS: 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_a_different_number_of_ranks(
+    tmp_path, tokenizer_path, tiny_dataset, second_dataset, full_run, stage, before, after
+):
+    """A ZeRO checkpoint from `before` ranks continues on `after` ranks (through DeepSpeed's universal format):
+    the same samples in the same order, and the losses of the next steps match the uninterrupted run's."""
+    split = tmp_path / "split"
+    args = blended_args(tokenizer_path, tiny_dataset, second_dataset, split, stage)
+    kind = {1: "python", 2: "torchrun"}
+    r = launch(kind[before], before, [*args, "train.stop_at_step=3"])
+    assert r.returncode != 0 and "stopping at step 3" in r.stderr, r.stderr[-3000:]
+    r = launch(kind[after], after, args)
+    assert r.returncode == 0 and "universal format" in r.stderr, r.stderr[-3000:]
+    assert (split / "checkpoints" / "step_00000003.universal").is_dir()
+    full = dict(losses(full_run(stage, before)))
+    got = dict(losses(split))
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(full[step], rel=1e-4), step
+
+
+def test_zero3_on_a_different_number_of_ranks_is_refused(tmp_path, tokenizer_path, tiny_dataset, second_dataset):
+    args = blended_args(tokenizer_path, tiny_dataset, second_dataset, tmp_path / "run", 3)
+    assert launch("torchrun", 2, [*args, "train.stop_at_step=2"]).returncode != 0
+    r = launch("python", 1, args)
+    assert r.returncode == 2 and "saved by 2 rank(s) with ZeRO-3; resuming it on 1 rank(s)" in r.stderr, r.stderr[
+        -2000:
+    ]
 
 
 def wait_for_step(run_dir, step, proc, timeout=120):
