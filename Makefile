@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/prep.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/checkpoint.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

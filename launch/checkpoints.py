@@ -1,7 +1,7 @@
 """Inspect and convert the checkpoints of a run.
 
     python launch/checkpoints.py list runs/demo                       # every checkpoint: step, size, validity
-    python launch/checkpoints.py list runs/demo --checksums           # ... verifying every sha256 as well
+    python launch/checkpoints.py list runs/demo --checksums           # ... verifying every checksum as well
     python launch/checkpoints.py consolidate runs/demo --output model.pt [--tag step_00000300]
 
 `consolidate` writes the model's full fp32 state dict (one file, torch.save; DeepSpeed's zero_to_fp32 for ZeRO
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="list checkpoints with step, size and validity")
     ls.add_argument("run", help="run directory (or its checkpoints/ directory)")
-    ls.add_argument("--checksums", action="store_true", help="verify sha256 of every file (reads everything)")
+    ls.add_argument("--checksums", action="store_true", help="verify the checksum of every file (reads everything)")
     co = sub.add_parser("consolidate", help="write one fp32 state dict")
     co.add_argument("run", help="run directory (or its checkpoints/ directory)")
     co.add_argument("--tag", help="checkpoint tag (default: the newest valid one)")

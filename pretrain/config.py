@@ -102,7 +102,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep, permanently, checkpoints whose step is a multiple of this; 0: none
     resume: str = "auto"  # auto: the newest valid checkpoint of run_dir, if any; none: start fresh; or a tag/path
     allow_data_change: bool = False  # resume although the training data (manifests, blend, seq_len, seed) changed
-    checksums: bool = True  # sha256 of every file in the completion record, verified before resuming
+    checksums: bool = True  # CRC-32 of every file in the completion record, verified before resuming
 
 
 @dataclass

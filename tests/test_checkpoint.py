@@ -204,7 +204,7 @@ def fake_checkpoint(ckpt_dir, step, *, complete=True, size=10):
     d.mkdir(parents=True)
     (d / "data.pt").write_bytes(b"x" * size)
     if complete:
-        files = {"data.pt": {"bytes": size, "sha256": checkpoint.sha256_file(d / "data.pt")}}
+        files = {"data.pt": {"bytes": size, "crc32": checkpoint.crc32_file(d / "data.pt")}}
         (d / checkpoint.RECORD).write_text(json.dumps({"files": files}))
     return d
 
@@ -215,7 +215,7 @@ def test_validation_names_the_problem(tmp_path):
     (d / "data.pt").write_bytes(b"x" * 9)
     assert "9 bytes, recorded 10" in checkpoint.validate(tmp_path, "step_00000005")
     (d / "data.pt").write_bytes(b"y" * 10)
-    assert "sha256 differs" in checkpoint.validate(tmp_path, "step_00000005")
+    assert "CRC-32 differs" in checkpoint.validate(tmp_path, "step_00000005")
     assert checkpoint.validate(tmp_path, "step_00000005", checksums=False) is None
     (d / "data.pt").unlink()
     assert "data.pt: missing" in checkpoint.validate(tmp_path, "step_00000005")
