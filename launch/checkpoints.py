@@ -3,9 +3,12 @@
     python launch/checkpoints.py list runs/demo                       # every checkpoint: step, size, validity
     python launch/checkpoints.py list runs/demo --checksums           # ... verifying every checksum as well
     python launch/checkpoints.py consolidate runs/demo --output model.pt [--tag step_00000300]
+    python launch/checkpoints.py universal runs/demo [--tag step_00000300]
 
 `consolidate` writes the model's full fp32 state dict (one file, torch.save; DeepSpeed's zero_to_fp32 for ZeRO
-checkpoints) from the newest valid checkpoint or --tag, for export and evaluation. Exit status 1 on errors.
+checkpoints) from the newest valid checkpoint or --tag, for export and evaluation. `universal` converts a ZeRO
+checkpoint to DeepSpeed's universal format next to it (<tag>.universal/); resuming on another number of ranks does
+this by itself. Exit status 1 on errors.
 """
 
 from __future__ import annotations
@@ -65,6 +68,29 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def cmd_universal(args) -> int:
+    from pretrain import checkpoint
+
+    src = ckpt_dir(args.run)
+    tag = args.tag or checkpoint.newest_valid(src)
+    problem = checkpoint.validate(src, tag) if tag else f"{src}: no valid checkpoint"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    if checkpoint.read_meta(src, tag)["zero_stage"] == 0:
+        print(
+            f"error: {src / tag} has no ZeRO states (ZeRO-0): it loads on any number of ranks as it is", file=sys.stderr
+        )
+        return 1
+    try:
+        out = checkpoint.to_universal(src, tag)
+    except checkpoint.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{src / tag} -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("run", help="run directory (or its checkpoints/ directory)")
     co.add_argument("--tag", help="checkpoint tag (default: the newest valid one)")
     co.add_argument("--output", required=True, help="file to write (torch.save of the state dict)")
+    un = sub.add_parser("universal", help="convert a ZeRO checkpoint to DeepSpeed's universal format")
+    un.add_argument("run", help="run directory (or its checkpoints/ directory)")
+    un.add_argument("--tag", help="checkpoint tag (default: the newest valid one)")
     args = p.parse_args(argv)
-    return {"list": cmd_list, "consolidate": cmd_consolidate}[args.command](args)
+    return {"list": cmd_list, "consolidate": cmd_consolidate, "universal": cmd_universal}[args.command](args)
 
 
 if __name__ == "__main__":

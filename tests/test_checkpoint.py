@@ -117,6 +117,13 @@ def test_resume_on_a_different_number_of_ranks(
     r = launch(kind[after], after, args)
     assert r.returncode == 0 and "universal format" in r.stderr, r.stderr[-3000:]
     assert (split / "checkpoints" / "step_00000003.universal").is_dir()
+    if stage == 2 and before == 2:  # the CLI converts too (the newest checkpoint here)
+        r = subprocess.run(
+            [sys.executable, str(REPO / "launch/checkpoints.py"), "universal", str(split)],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0 and (split / "checkpoints" / "step_00000006.universal" / "zero").is_dir(), r.stderr
     full = dict(losses(full_run(stage, before)))
     got = dict(losses(split))
     assert sorted(got) == list(range(1, STEPS + 1))
