@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -350,7 +350,3 @@ def verify_dataset(directory: str | Path, *, checksums: bool = True) -> list[str
             if total != entry[key]:
                 problems.append(f"{root / MANIFEST}: splits.{split}.{key} is {entry[key]}, its shards hold {total}")
     return problems
-
-
-def shard_info_dict(info: ShardInfo) -> dict:
-    return asdict(info)
