@@ -152,14 +152,19 @@ def wait_for_step(run_dir, step, proc, timeout=120):
     return False
 
 
-def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, tokenizer_path, tiny_dataset, second_dataset):
-    args = blended_args(tokenizer_path, tiny_dataset, second_dataset, tmp_path / "ref", 1)
-    args = [a for a in args if not a.startswith(("train.max_steps", "checkpoint.save_every"))]
-    args += ["train.max_steps=40", "checkpoint.save_every=0", "train.stop_grace_seconds=60"]
+def reference_and_interrupted(tmp_path, tokenizer_path, datasets, stage, extra):
+    """Run the uninterrupted reference (1 process) in tmp/ref; return the same run's args and command in tmp/run."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = blended_args(tokenizer_path, *datasets, ref, stage)
+    args = [a for a in args if not a.startswith(("train.max_steps", "checkpoint.save_every"))] + extra
     assert launch("python", 1, args).returncode == 0
-    run = tmp_path / "run"
-    args = [a.replace(str(tmp_path / "ref"), str(run)) for a in args]
-    cmd = [*launcher("python", 1), str(REPO / "launch/pretrain.py"), *map(str, args)]
+    args = [a.replace(str(ref), str(run)) for a in args]
+    return run, args, [*launcher("python", 1), str(REPO / "launch/pretrain.py"), *map(str, args)]
+
+
+def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, tokenizer_path, tiny_dataset, second_dataset):
+    extra = ["train.max_steps=40", "checkpoint.save_every=0", "train.stop_grace_seconds=60"]
+    run, args, cmd = reference_and_interrupted(tmp_path, tokenizer_path, (tiny_dataset, second_dataset), 1, extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     assert wait_for_step(run, 3, proc)
     sent = time.monotonic()
@@ -180,13 +185,8 @@ def test_sigterm_saves_and_exits_then_resumes_exactly(tmp_path, tokenizer_path, 
 def test_kill_9_at_random_moments(tmp_path, tokenizer_path, tiny_dataset, second_dataset):
     """Ten kill -9 of the run at random moments (a checkpoint every step, so many land mid-save); every restart
     resumes from a valid checkpoint and the end result equals the uninterrupted run's, bit for bit."""
-    base = blended_args(tokenizer_path, tiny_dataset, second_dataset, tmp_path / "ref", 2)
-    base = [a for a in base if not a.startswith(("train.max_steps", "checkpoint.save_every"))]
-    base += ["train.max_steps=150", "checkpoint.save_every=1", "checkpoint.keep_last=2"]
-    assert launch("python", 1, base).returncode == 0
-    run = tmp_path / "run"
-    args = [a.replace(str(tmp_path / "ref"), str(run)) for a in base]
-    cmd = [*launcher("python", 1), str(REPO / "launch/pretrain.py"), *map(str, args)]
+    extra = ["train.max_steps=150", "checkpoint.save_every=1", "checkpoint.keep_last=2"]
+    run, args, cmd = reference_and_interrupted(tmp_path, tokenizer_path, (tiny_dataset, second_dataset), 2, extra)
     rng = random.Random(0)
     resumed_from = []
     for _ in range(10):
