@@ -30,7 +30,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/ is on the path when run as a script)
 
 from pretrain import checkpoint  # noqa: E402
 from pretrain.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
@@ -386,10 +386,7 @@ def run(args: argparse.Namespace, work: Path, start: float) -> None:
 
 def report(best, nbytes, cache, instrumented, ds_version, args) -> None:
     parts, total, ds_bytes = instrumented
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     print(
         f"\n{date.today()} | {cpu} | {os.cpu_count()} cores, {args.threads} threads, 1 process, fp32, ZeRO-1 | "
         f"torch {torch.__version__}, deepspeed {ds_version}"

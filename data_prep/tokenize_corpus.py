@@ -31,7 +31,15 @@ import numpy as np
 from data_prep.readers import ON_ERROR, REASONS, CorpusReader, InputError, expand_inputs
 from pretrain import __version__
 from pretrain.fileutil import sha256_file, write_json_atomic
-from pretrain.shards import MANIFEST, MANIFEST_FORMAT, ShardError, ShardInfo, SplitWriter, dtype_for_vocab
+from pretrain.shards import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    ShardError,
+    ShardInfo,
+    SplitWriter,
+    dtype_for_vocab,
+    read_manifest,
+)
 from pretrain.tokenizer import Tokenizer
 
 log = logging.getLogger("data_prep.tokenize")
@@ -123,7 +131,7 @@ def prepare_output(out: Path, fingerprint: dict, *, resume: bool, overwrite: boo
         state = "a complete dataset" if (out / MANIFEST).exists() else "an incomplete dataset"
         raise OutputError(f"{out}: holds {state}; pass --resume to continue it or --overwrite to start over")
     if (out / MANIFEST).exists():
-        manifest = json.loads((out / MANIFEST).read_text())
+        manifest = read_manifest(out)
         made = {
             **manifest["settings"],
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],

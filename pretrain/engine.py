@@ -169,19 +169,20 @@ def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
 KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 10) -> float:
-    """The best FLOP/s of an n^3 fp32 matmul on the current device, with the current number of threads."""
+def measure_matmul_flops(sizes: tuple[int, ...] = (1024,), repeats: int = 10) -> float:
+    """The best FLOP/s of n^3 fp32 matmuls (each n in sizes) on the current device, with the current threads."""
     device = get_accelerator().current_device_name()
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(repeats + 2):
-        get_accelerator().synchronize()
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        get_accelerator().synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        for _ in range(repeats + 2):
+            get_accelerator().synchronize()
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            get_accelerator().synchronize()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
 
 
 def tune_cpu_allocator() -> bool:

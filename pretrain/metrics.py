@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.fileutil import write_bytes_atomic
+
 log = logging.getLogger("pretrain")
 
 
@@ -35,8 +37,6 @@ class Metrics:
                             kept.append(line + "\n")
                     except (json.JSONDecodeError, KeyError, TypeError):
                         pass  # a line cut by a crash
-            from pretrain.fileutil import write_bytes_atomic
-
             write_bytes_atomic(path, "".join(kept).encode())
             self.jsonl = open(path, "a", buffering=1)  # line-buffered: a killed run loses no logged line
             if tensorboard:

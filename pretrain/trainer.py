@@ -343,7 +343,7 @@ class Trainer:
             if resume == "auto":
                 return [str(self.ckpt_dir), checkpoint.newest_valid(self.ckpt_dir, checksums=ck.checksums)]
             path = Path(resume)
-            if path.is_dir() and (path / checkpoint.RECORD).exists() or (path / checkpoint.META).exists():
+            if path.is_dir() and ((path / checkpoint.RECORD).exists() or (path / checkpoint.META).exists()):
                 src, tag = path.parent, path.name
             elif path.is_dir():
                 src, tag = path, checkpoint.newest_valid(path, checksums=ck.checksums)
