@@ -30,7 +30,7 @@ import numpy as np
 
 from data_prep.readers import ON_ERROR, REASONS, CorpusReader, InputError, expand_inputs
 from pretrain import __version__
-from pretrain.fileutil import sha256_file, write_json_atomic
+from pretrain.fileutil import sha256_file, tmp_name, write_json_atomic
 from pretrain.shards import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -278,6 +278,12 @@ def run(args: argparse.Namespace) -> dict:
         }
         write_json_atomic(out / MANIFEST, manifest)
         (out / PROGRESS).unlink(missing_ok=True)
+    except BaseException:
+        # Ctrl-C may land anywhere, even between opening a temporary file and recording it; the output directory
+        # is locked by this run, so every temporary file in it is ours to remove.
+        tmps = [tmp_name(out / MANIFEST), tmp_name(out / PROGRESS)]
+        _remove(tmps + [p for s in SPLITS for p in (out / s).glob("shard_*.tmp")])
+        raise
     finally:
         lock.close()
     elapsed = time.perf_counter() - t0

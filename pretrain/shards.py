@@ -153,8 +153,10 @@ class ShardWriter:
         )
 
     def abort(self) -> None:
+        """Remove the temporary files (also after an interrupted `finish()`)."""
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)
+        tmp_name(shard_file(self.prefix, ".idx")).unlink(missing_ok=True)
 
 
 class SplitWriter:
