@@ -277,6 +277,11 @@ class Engine:
         # decay (none on norms and embeddings), so they are set again.
         for group, weight_decay in zip(self.optimizer.param_groups, self.group_weight_decay, strict=True):
             group["weight_decay"] = weight_decay
+        # It also hands one `step` tensor to every sub-group's Adam state; torch's Adam increments it in place, so
+        # each step would advance it once per sub-group and skew the bias correction. Each state gets its own.
+        for state in getattr(self.optimizer, "optimizer", self.optimizer).state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
         return path
 
     def set_lr(self, lr: float) -> None:

@@ -382,12 +382,11 @@ class Trainer:
                 "seq_len or data.seed); set checkpoint.allow_data_change=true if that is deliberate"
             )
         stage = Engine.stage_of(self.cfg.train.ds_config)
-        moved = meta["world_size"] != self.world_size or meta["zero_stage"] != stage
-        if moved and 3 in (meta["zero_stage"], stage):
+        if meta["zero_stage"] != stage and 3 in (meta["zero_stage"], stage):
             raise CheckpointError(
-                f"{where}: saved by {meta['world_size']} rank(s) with ZeRO-{meta['zero_stage']}; resuming it on "
-                f"{self.world_size} rank(s) with ZeRO-{stage} is not supported for ZeRO-3 yet (through DeepSpeed's "
-                "universal format its optimizer state does not continue exactly); ZeRO-1 and -2 can move"
+                f"{where}: saved with ZeRO-{meta['zero_stage']}, this run uses ZeRO-{stage}; moving between ZeRO-3 "
+                "and the other stages is not supported (DeepSpeed's universal format differs between them); any "
+                "number of ranks is, with the checkpoint's stage"
             )
         if (meta["zero_stage"] == 0) != (stage == 0):
             raise CheckpointError(

@@ -102,7 +102,7 @@ def test_resume_is_bit_exact(tmp_path, tokenizer_path, tiny_dataset, second_data
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_a_different_number_of_ranks(
     tmp_path, tokenizer_path, tiny_dataset, second_dataset, full_run, stage, before, after
@@ -128,16 +128,30 @@ def test_resume_on_a_different_number_of_ranks(
     got = dict(losses(split))
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
-        assert got[step] == pytest.approx(full[step], rel=1e-4), step
+        # the target is 1e-4; measured: ~7e-8 (summation order differs between rank counts)
+        assert got[step] == pytest.approx(full[step], rel=1e-6), step
 
 
-def test_zero3_on_a_different_number_of_ranks_is_refused(tmp_path, tokenizer_path, tiny_dataset, second_dataset):
+def test_resume_with_another_zero_stage(tmp_path, tokenizer_path, tiny_dataset, second_dataset, full_run):
+    """A ZeRO-1 checkpoint from 2 ranks continues as ZeRO-2 on 1 rank."""
+    split = tmp_path / "split"
+    args = blended_args(tokenizer_path, tiny_dataset, second_dataset, split, 1)
+    r = launch("torchrun", 2, [*args, "train.stop_at_step=3"])
+    assert r.returncode != 0 and "stopping at step 3" in r.stderr, r.stderr[-3000:]
+    r = launch("python", 1, [*args, "train.ds_config=ds_configs/zero2.json"])
+    assert r.returncode == 0 and "universal format" in r.stderr, r.stderr[-3000:]
+    full, got = dict(losses(full_run(1, 2))), dict(losses(split))
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_moving_to_or_from_zero3_is_refused(tmp_path, tokenizer_path, tiny_dataset, second_dataset):
     args = blended_args(tokenizer_path, tiny_dataset, second_dataset, tmp_path / "run", 3)
     assert launch("torchrun", 2, [*args, "train.stop_at_step=2"]).returncode != 0
-    r = launch("python", 1, args)
-    assert r.returncode == 2 and "saved by 2 rank(s) with ZeRO-3; resuming it on 1 rank(s)" in r.stderr, r.stderr[
-        -2000:
-    ]
+    r = launch("python", 1, [*args, "train.ds_config=ds_configs/zero2.json"])
+    assert r.returncode == 2 and "saved with ZeRO-3, this run uses ZeRO-2" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000002.universal").exists()
 
 
 def wait_for_step(run_dir, step, proc, timeout=120):
