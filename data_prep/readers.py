@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import zstandard
 
@@ -29,7 +30,8 @@ TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES
 CHUNK = 1 << 20
-ON_ERROR = ("fail", "skip")
+OnError = Literal["fail", "skip"]  # bad input: stop with an error, or skip it and count it
+ON_ERROR: tuple[str, ...] = get_args(OnError)
 # Reasons a document or file is skipped; the manifest and the summary count each.
 REASONS = ("invalid_utf8", "malformed_json", "missing_field", "bad_field_type", "empty_document", "truncated_stream")
 WARN_LIMIT = 10  # warnings logged per reason before they are only counted
@@ -158,7 +160,7 @@ class _Counting:
 class CorpusReader:
     """Iterates the documents of a list of input files, in order, applying the bad-input policy."""
 
-    def __init__(self, paths: list[Path], *, text_field: str = "text", on_error: str = "fail"):
+    def __init__(self, paths: list[Path], *, text_field: str = "text", on_error: OnError = "fail"):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.paths, self.text_field, self.on_error = paths, text_field, on_error

@@ -7,6 +7,9 @@ depend only on the inputs and the settings, never on the number of workers or th
 Crash safety: shards are written under temporary names and renamed when complete; after each finished shard a
 progress record (`.progress.json`) is replaced atomically; `manifest.json` is written last. `--resume` continues
 from the completed shards (re-reading, but not re-tokenizing, the documents they hold).
+
+As a library: `run(TokenizeSettings(inputs=["corpus/"], tokenizer="tok/sp.model", output="data/mycorpus"))`; the
+CLI (`python -m data_prep tokenize`) only turns its arguments into those settings.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ import sys
 import time
 from array import array
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.readers import ON_ERROR, REASONS, CorpusReader, InputError, expand_inputs
+from data_prep.readers import ON_ERROR, REASONS, CorpusReader, InputError, OnError, expand_inputs
 from pretrain import __version__
 from pretrain.fileutil import sha256_file, tmp_name, write_json_atomic
 from pretrain.shards import (
@@ -57,6 +60,49 @@ class OutputError(RuntimeError):
 
 class AlreadyComplete(Exception):
     pass
+
+
+# ------------------------------------------------------------------------------------------------- settings
+@dataclass
+class TokenizeSettings:
+    """Everything `run` reads. Field names are the CLI's flags (`shard_tokens` is `--shard-tokens`), defaults its
+    defaults; invalid values raise `ValueError` naming the flag when the settings are made."""
+
+    inputs: list[str]  # files, directories or globs (.txt, .jsonl, with .gz or .zst)
+    tokenizer: str | Path  # sentencepiece .model file (from `data_prep train-tokenizer`)
+    output: str | Path  # dataset directory to write (train/, val/, manifest.json)
+    text_field: str = "text"  # JSON field holding the text in .jsonl inputs
+    val_fraction: float = 0.01  # fraction of documents held out for validation, by hash of their text
+    split_seed: int = 0  # seed of the train/val hash, in [0, 2**128)
+    shard_tokens: int = 250_000_000  # close a shard once it holds this many tokens
+    add_bos: bool = False  # prepend the bos id to every document (the eod id is always appended)
+    workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # tokenizer processes
+    batch_docs: int = 512  # documents per batch sent to a worker...
+    batch_mb: float = 4.0  # ...or this many MB (2**20 bytes) of text, whichever comes first
+    on_error: OnError = "fail"  # bad input: stop with an error, or skip and count it
+    resume: bool = False  # continue an interrupted run from its completed shards
+    overwrite: bool = False  # delete an existing dataset in `output` and start over
+    quiet: bool = False  # no progress bar and no summary
+
+    def __post_init__(self) -> None:
+        self.inputs = [os.fspath(p) for p in self.inputs]  # Path objects welcome; expand_inputs globs strings
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the CLI flag, for a value `run` cannot use."""
+        if not 0 <= self.split_seed < 2**128:
+            raise ValueError(f"--split-seed must be in [0, 2**128), got {self.split_seed}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("shard_tokens", "workers", "batch_docs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_mb <= 0:
+            raise ValueError(f"--batch-mb must be positive, got {self.batch_mb}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
 
 
 # ----------------------------------------------------------------------------------------------- split rule
@@ -204,32 +250,32 @@ def batches(
         yield batch
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Tokenize `args.inputs` into `args.output`; returns the manifest written."""
+def run(settings: TokenizeSettings) -> dict:
+    """Tokenize `settings.inputs` into `settings.output`; returns the manifest written."""
     t0 = time.perf_counter()
-    paths = expand_inputs(args.inputs)
-    tok = Tokenizer(args.tokenizer)
+    paths = expand_inputs(settings.inputs)
+    tok = Tokenizer(settings.tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
-    out = Path(args.output)
+    out = Path(settings.output)
     tokenizer = tok.describe()
-    settings = {
-        "text_field": args.text_field,
-        "val_fraction": args.val_fraction,
-        "split_seed": args.split_seed,
-        "shard_tokens": args.shard_tokens,
-        "add_bos": args.add_bos,
-        "on_error": args.on_error,
+    recorded = {  # the settings the output bytes depend on: the manifest records them, --resume checks them
+        "text_field": settings.text_field,
+        "val_fraction": settings.val_fraction,
+        "split_seed": settings.split_seed,
+        "shard_tokens": settings.shard_tokens,
+        "add_bos": settings.add_bos,
+        "on_error": settings.on_error,
         "dtype": dtype.name,
     }
     inputs = [{"path": str(p), "bytes": p.stat().st_size} for p in paths]
     fingerprint = {
-        **settings,
+        **recorded,
         "tokenizer_sha256": tokenizer["sha256"],
         "inputs": [{**i, "mtime_ns": p.stat().st_mtime_ns} for i, p in zip(inputs, paths)],
     }
     lock = lock_output(out)
     try:
-        done = prepare_output(out, fingerprint, resume=args.resume, overwrite=args.overwrite)
+        done = prepare_output(out, fingerprint, resume=settings.resume, overwrite=settings.overwrite)
         shards = {s: list(done[s]) for s in SPLITS}
 
         def record_shard(split: str, info: ShardInfo) -> None:
@@ -240,15 +286,15 @@ def run(args: argparse.Namespace) -> dict:
             )
 
         writers = {
-            s: SplitWriter(out, s, dtype, args.shard_tokens, first_index=len(done[s]), on_shard=record_shard)
+            s: SplitWriter(out, s, dtype, settings.shard_tokens, first_index=len(done[s]), on_shard=record_shard)
             for s in SPLITS
         }
-        reader = CorpusReader(paths, text_field=args.text_field, on_error=args.on_error)
+        reader = CorpusReader(paths, text_field=settings.text_field, on_error=settings.on_error)
         stats = {s: {"documents": 0, "text_bytes": 0} for s in SPLITS}
         if any(done.values()):
             log.info("resuming: %s", ", ".join(f"{len(done[s])} {s} shard(s)" for s in SPLITS))
         try:
-            new_tokens = _tokenize(args, reader, writers, tok, dtype, done, stats)
+            new_tokens = _tokenize(settings, reader, writers, tok, dtype, done, stats)
             for w in writers.values():
                 w.finish()
         except BaseException:
@@ -262,7 +308,7 @@ def run(args: argparse.Namespace) -> dict:
             "tool_version": __version__,
             "tokenizer": tokenizer,
             "dtype": dtype.name,
-            "settings": settings,
+            "settings": recorded,
             "split_rule": SPLIT_RULE,
             "inputs": inputs,
             "skipped": {r: reader.skipped.get(r, 0) for r in REASONS},
@@ -287,12 +333,12 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         lock.close()
     elapsed = time.perf_counter() - t0
-    if not args.quiet:
+    if not settings.quiet:
         print_summary(out, manifest, elapsed=elapsed, new_tokens=new_tokens, raw_bytes=reader.total_raw_bytes)
     return manifest
 
 
-def _tokenize(args, reader, writers, tok, dtype, done, stats) -> int:
+def _tokenize(settings: TokenizeSettings, reader, writers, tok, dtype, done, stats) -> int:
     """The parallel part: batches out to the workers, results back in order to the split writers."""
     from tqdm import tqdm
 
@@ -300,23 +346,23 @@ def _tokenize(args, reader, writers, tok, dtype, done, stats) -> int:
     gen = batches(
         reader,
         done_docs,
-        val_fraction=args.val_fraction,
-        seed=args.split_seed,
-        batch_docs=args.batch_docs,
-        batch_bytes=int(args.batch_mb * 2**20),
+        val_fraction=settings.val_fraction,
+        seed=settings.split_seed,
+        batch_docs=settings.batch_docs,
+        batch_bytes=int(settings.batch_mb * 2**20),
         stats=stats,
     )
     # fork: workers start at once (spawn costs an interpreter and imports each); the pool exists before any
     # other thread (tqdm's monitor) does.
     pool = mp.get_context("fork").Pool(
-        args.workers, initializer=_init_worker, initargs=(str(tok.path), dtype.name, args.add_bos)
+        settings.workers, initializer=_init_worker, initargs=(str(tok.path), dtype.name, settings.add_bos)
     )
     bar = tqdm(
         total=reader.total_raw_bytes,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        disable=None if not args.quiet else True,
+        disable=None if not settings.quiet else True,
         desc="tokenize",
         mininterval=1.0,
     )
@@ -337,7 +383,7 @@ def _tokenize(args, reader, writers, tok, dtype, done, stats) -> int:
         pending: deque = deque()
         for batch in gen:
             pending.append(pool.apply_async(encode_batch, (batch,)))
-            while len(pending) >= 2 * args.workers:
+            while len(pending) >= 2 * settings.workers:
                 consume(pending.popleft().get())
         while pending:
             consume(pending.popleft().get())
@@ -432,25 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if not 0 <= args.split_seed < 2**128:
-        p.error(f"--split-seed must be in [0, 2**128), got {args.split_seed}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    for name in ("shard_tokens", "workers", "batch_docs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.batch_mb <= 0:
-        p.error(f"--batch-mb must be positive, got {args.batch_mb}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
-    validate(p, args)
+    try:
+        settings = TokenizeSettings(**vars(p.parse_args(argv)))  # the parser's dests are the settings' fields
+    except ValueError as e:
+        p.error(str(e))  # usage and the message on stderr, exit status 2, as for any bad argument
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(args)
+        run(settings)
     except AlreadyComplete as e:
         print(e)
     except (InputError, OutputError, ShardError, FileNotFoundError, ValueError) as e:
@@ -458,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            f"interrupted: completed shards are kept in {args.output}; rerun with --resume to continue", file=sys.stderr
+            f"interrupted: completed shards are kept in {settings.output}; rerun with --resume to continue",
+            file=sys.stderr,
         )
         return EXIT_INTERRUPTED
     return 0

@@ -7,6 +7,9 @@ unk 0, bos 1, eos 2 (marks the end of a document), pad 3.
 The sample is a reservoir of lines (long lines cut at whitespace), so memory is bounded by --sample-lines
 whatever the corpus size; the same seed gives the same sample and the same model.
 Writes <output>.model, <output>.vocab (piece<TAB>score) and <output>.json (the settings and the sample's size).
+
+As a library: `train(TokenizerSettings(inputs=["corpus/"], output="tok/sp", vocab_size=8000))`; the CLI
+(`python -m data_prep train-tokenizer`) only turns its arguments into those settings.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import sentencepiece as spm
 
-from data_prep.readers import ON_ERROR, CorpusReader, InputError, expand_inputs
+from data_prep.readers import ON_ERROR, CorpusReader, InputError, OnError, expand_inputs
 from pretrain import __version__
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
 
@@ -31,6 +36,46 @@ log = logging.getLogger("data_prep.train_tokenizer")
 SPECIALS = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (3, "<pad>")}
 # Text that must survive encode -> decode unchanged with the default settings.
 ROUND_TRIP_PROBE = "  Leading spaces,\ttabs,\r\nCRLF, trailing  \n\n1234567 × 3.14 = ? naïve café 日本語 🙂 \x00\x7f"
+ModelType = Literal["bpe", "unigram"]
+MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
+
+
+@dataclass
+class TokenizerSettings:
+    """Everything `train` reads. Field names are the CLI's flags (`vocab_size` is `--vocab-size`), defaults its
+    defaults; invalid values raise `ValueError` naming the flag when the settings are made."""
+
+    inputs: list[str]  # files, directories or globs (.txt, .jsonl, with .gz or .zst)
+    output: str | Path  # output prefix: writes PREFIX.model, PREFIX.vocab, PREFIX.json
+    vocab_size: int = 32000  # pieces, the 4 specials and the 256 byte pieces included
+    model_type: ModelType = "bpe"
+    sample_lines: int = 2_000_000  # lines in the random training sample (reservoir: bounds memory)
+    max_line_bytes: int = 4192  # longer lines are cut at whitespace; also sentencepiece's max_sentence_length
+    character_coverage: float = 0.9995  # share of characters given their own piece; the rest fall back to bytes
+    byte_fallback: bool = True  # False: unknown characters become <unk> (lossy)
+    text_field: str = "text"  # JSON field holding the text in .jsonl inputs
+    on_error: OnError = "fail"  # bad input: stop, or skip and count it
+    seed: int = 0  # seed of the line sample
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # sentencepiece trainer threads
+    overwrite: bool = False  # replace an existing model with the same prefix
+    quiet: bool = False  # no summary line on stdout
+
+    def __post_init__(self) -> None:
+        self.inputs = [os.fspath(p) for p in self.inputs]  # Path objects welcome; expand_inputs globs strings
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the CLI flag, for a value `train` cannot use."""
+        if self.vocab_size < 300 and self.byte_fallback:
+            raise ValueError(
+                f"--vocab-size {self.vocab_size} is too small: byte fallback alone takes 256 pieces plus 4 specials"
+            )
+        if self.sample_lines < 1 or self.max_line_bytes < 16:
+            raise ValueError("--sample-lines must be >= 1 and --max-line-bytes >= 16")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
 
 
 def cut(line: str, max_bytes: int) -> list[str]:
@@ -68,17 +113,18 @@ def sample_lines(reader: CorpusReader, *, k: int, max_bytes: int, seed: int) -> 
     return sample, seen
 
 
-def train(args: argparse.Namespace) -> dict:
-    out = Path(args.output)
+def train(settings: TokenizerSettings) -> dict:
+    """Sample the inputs, train, write PREFIX.model/.vocab/.json; returns what PREFIX.json records."""
+    out = Path(settings.output)
     files = {ext: out.with_name(out.name + ext) for ext in (".model", ".vocab", ".json")}
     existing = [str(p) for p in files.values() if p.exists()]
-    if existing and not args.overwrite:
+    if existing and not settings.overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = expand_inputs(args.inputs)
-    reader = CorpusReader(paths, text_field=args.text_field, on_error=args.on_error)
+    paths = expand_inputs(settings.inputs)
+    reader = CorpusReader(paths, text_field=settings.text_field, on_error=settings.on_error)
     t0 = time.perf_counter()
-    sample, seen = sample_lines(reader, k=args.sample_lines, max_bytes=args.max_line_bytes, seed=args.seed)
+    sample, seen = sample_lines(reader, k=settings.sample_lines, max_bytes=settings.max_line_bytes, seed=settings.seed)
     if not sample:
         raise InputError(f"no text in {len(paths)} input file(s)")
     log.info(
@@ -86,22 +132,22 @@ def train(args: argparse.Namespace) -> dict:
         len(sample),
         seen,
         time.perf_counter() - t0,
-        args.model_type,
-        args.vocab_size,
+        settings.model_type,
+        settings.vocab_size,
     )
     options = dict(
-        model_type=args.model_type,
-        vocab_size=args.vocab_size,
-        character_coverage=args.character_coverage,
-        byte_fallback=args.byte_fallback,
+        model_type=settings.model_type,
+        vocab_size=settings.vocab_size,
+        character_coverage=settings.character_coverage,
+        byte_fallback=settings.byte_fallback,
         split_digits=True,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=True,
         allow_whitespace_only_pieces=True,
-        max_sentence_length=args.max_line_bytes,
+        max_sentence_length=settings.max_line_bytes,
         input_sentence_size=0,
-        num_threads=args.threads,
+        num_threads=settings.threads,
         seed_sentencepiece_size=1_000_000,
         **{f"{name}_id": i for name, (i, _) in SPECIALS.items()},
         **{f"{name}_piece": piece for name, (_, piece) in SPECIALS.items()},
@@ -112,31 +158,31 @@ def train(args: argparse.Namespace) -> dict:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), model_writer=model, **options)
     except RuntimeError as e:
         raise InputError(
-            f"sentencepiece could not train with --vocab-size {args.vocab_size} on {len(sample)} lines: {e}"
+            f"sentencepiece could not train with --vocab-size {settings.vocab_size} on {len(sample)} lines: {e}"
         ) from None
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    if args.byte_fallback and sp.decode(sp.encode(ROUND_TRIP_PROBE)) != ROUND_TRIP_PROBE:
+    if settings.byte_fallback and sp.decode(sp.encode(ROUND_TRIP_PROBE)) != ROUND_TRIP_PROBE:
         log.warning("the trained model does not round-trip %r exactly", ROUND_TRIP_PROBE)
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    settings = {
+    record = {
         "tool_version": __version__,
         "sentencepiece_version": spm.__version__,
         "inputs": [str(p) for p in paths],
-        "text_field": args.text_field,
+        "text_field": settings.text_field,
         "lines_seen": seen,
         "lines_sampled": len(sample),
-        "sample_seed": args.seed,
+        "sample_seed": settings.seed,
         "skipped": dict(reader.skipped),
         "options": {k: v for k, v in options.items() if k not in ("num_threads", "minloglevel")},
     }
     write_bytes_atomic(files[".vocab"], vocab.encode("utf-8"))
-    write_json_atomic(files[".json"], settings)
+    write_json_atomic(files[".json"], record)
     write_bytes_atomic(files[".model"], model.getvalue())  # last: the model's presence means all three exist
-    if not args.quiet:
+    if not settings.quiet:
         print(
-            f"vocab {sp.get_piece_size()} ({args.model_type}), {len(sample):,} of {seen:,} lines, {time.perf_counter() - t0:.1f} s -> {files['.model']}"
+            f"vocab {sp.get_piece_size()} ({settings.model_type}), {len(sample):,} of {seen:,} lines, {time.perf_counter() - t0:.1f} s -> {files['.model']}"
         )
-    return settings
+    return record
 
 
 EXAMPLES = """
@@ -161,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32000,
         help="number of pieces, specials and byte pieces included (default: 32000)",
     )
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="default: bpe")
+    p.add_argument("--model-type", choices=MODEL_TYPES, default="bpe", help="default: bpe")
     p.add_argument(
         "--sample-lines", type=int, default=2_000_000, help="lines in the random training sample (default: 2M)"
     )
@@ -198,14 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
-    if args.vocab_size < 300 and args.byte_fallback:
-        p.error(f"--vocab-size {args.vocab_size} is too small: byte fallback alone takes 256 pieces plus 4 specials")
-    if args.sample_lines < 1 or args.max_line_bytes < 16:
-        p.error("--sample-lines must be >= 1 and --max-line-bytes >= 16")
+    try:
+        settings = TokenizerSettings(**vars(p.parse_args(argv)))  # the parser's dests are the settings' fields
+    except ValueError as e:
+        p.error(str(e))  # usage and the message on stderr, exit status 2, as for any bad argument
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        train(args)
+        train(settings)
     except (InputError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
