@@ -12,7 +12,7 @@ under --dir, default the system's temp dir) it then measures, --repeats times in
   - raw read: that file read back in 8 MiB chunks, after dropping it from the page cache,
   - save: `pretrain.checkpoint.save(...)`, with checksums and without, from the call to its return,
   - validate: `pretrain.checkpoint.validate(..., checksums=True)` (sizes and CRC-32, the check before resuming),
-  - load: `engine.ds.load_checkpoint(dir, tag=tag)` into a fresh Engine and model (only the call is timed).
+  - load: `engine.load(dir, tag)` (DeepSpeed's load_checkpoint) into a fresh Engine and model (only the call is timed).
 The page cache is dropped (fsync, then posix_fadvise DONTNEED; whether that worked is checked with mincore) before
 every raw read, validate and load; `os.sync()` runs before every timed operation, so no write-back of an earlier
 one is in flight. GB/s = bytes of the checkpoint directory / seconds (MB and GB are 10^6 and 10^9 bytes).
@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -45,7 +44,9 @@ import torch  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/ is on the path when run as a script)
 
 from pretrain import checkpoint  # noqa: E402
-from pretrain.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from pretrain.checkpoint import CheckpointMeta  # noqa: E402
+from pretrain.config import BatchPlan, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from pretrain.distributed import World  # noqa: E402
 from pretrain.model import Transformer, padded_vocab  # noqa: E402
 
 D_MODEL, N_LAYERS, N_HEADS, SEQ, BATCH = 384, 4, 6, 64, 2
@@ -175,35 +176,32 @@ def raw_read(path: Path, cache: Cache) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- engine
-def init_distributed() -> None:
-    import deepspeed
+def init_distributed() -> World:
+    from pretrain.distributed import init_distributed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(verbose=False)
+    world = init_distributed()  # a process group of one, as `python launch/pretrain.py` makes
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    return world
 
 
 def build_engine(cfg: ModelConfig, ds_json: Path):
     from pretrain.engine import Engine
 
     train = TrainConfig(ds_config=str(ds_json), micro_batch_seqs=BATCH, global_batch_seqs=BATCH, precision="fp32")
-    engine = Engine(OPTIM, train, global_batch=BATCH)
-    with engine.model_context():
-        model = Transformer(cfg)
-    model.init_weights(0, gather=engine.gather)
-    engine.initialize(model)
+    engine = Engine(OPTIM, train, BatchPlan.resolve(train, seq_len=cfg.seq_len, world_size=1))
+    engine.build(cfg, seed=0)  # the trainer's model + engine build
     return engine
 
 
 def timed_save(engine, ckpt_dir: Path, step: int, checksums: bool) -> tuple[float, str]:
-    meta = {"step": step, "zero_stage": engine.zero_stage, "world_size": 1, "bench": "checkpoint"}
+    meta = CheckpointMeta(
+        step=step, consumed_samples=0, tokens_seen=0, global_batch=BATCH, world_size=1, zero_stage=engine.zero_stage,
+        config={"bench": "checkpoint"}, data_fingerprint={},
+    )  # fmt: skip
     os.sync()
     t0 = time.perf_counter()
-    tag = checkpoint.save(engine.ds, ckpt_dir, step, meta, checksums=checksums)
+    tag = checkpoint.save(engine, World(), ckpt_dir, meta, checksums=checksums)
     return time.perf_counter() - t0, tag
 
 
@@ -223,7 +221,7 @@ def timed_load(cfg: ModelConfig, ds_json: Path, ckpt_dir: Path, tag: str, cache:
     cache.drop(files_of(ckpt_dir / tag))
     os.sync()
     t0 = time.perf_counter()
-    path, _ = engine.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+    path = engine.load(ckpt_dir, tag)
     seconds = time.perf_counter() - t0
     if path is None:
         raise RuntimeError(f"load_checkpoint found nothing in {ckpt_dir / tag}")

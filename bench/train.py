@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from machine import cpu_model  # noqa: E402  (bench/ is on the path when run as a script)
 
-from pretrain.config import ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from pretrain.config import BatchPlan, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from pretrain.model import Transformer  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=32000, d_model=384, n_layers=6, n_heads=6, seq_len=256)
@@ -76,11 +76,9 @@ class EngineRun:
         self.name = f"engine ZeRO-{stage}"
         ds_json = workdir / f"zero{stage}.json"
         ds_json.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-        model = Transformer(MODEL)
-        model.init_weights(0)
         train = TrainConfig(ds_config=str(ds_json), micro_batch_seqs=BATCH, global_batch_seqs=BATCH, precision="fp32")
-        self.engine = Engine(OPTIM, train, global_batch=BATCH)
-        self.engine.initialize(model)
+        self.engine = Engine(OPTIM, train, BatchPlan.resolve(train, seq_len=MODEL.seq_len, world_size=1))
+        self.engine.build(MODEL, seed=0)  # the trainer's model + engine build
 
     def step(self, x: torch.Tensor) -> float:
         return self.engine.train_step([x], OPTIM.lr).loss.item()
@@ -112,15 +110,9 @@ def measure_one(name: str, args: argparse.Namespace) -> dict:
 
         tune_cpu_allocator()  # as the trainer does on CPU
     if name.startswith("engine"):
-        import socket
+        from pretrain.distributed import init_distributed
 
-        import deepspeed
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        deepspeed.init_distributed(verbose=False)
+        init_distributed()  # a process group of one, as `python launch/pretrain.py` makes
     with tempfile.TemporaryDirectory() as tmp:
         runner = RUNNERS[name](Path(tmp))
         seconds = timed(runner, batches(args.warmup + args.steps), args.warmup)

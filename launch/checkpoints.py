@@ -77,7 +77,7 @@ def cmd_universal(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    if checkpoint.read_meta(src, tag)["zero_stage"] == 0:
+    if checkpoint.read_meta(src, tag).zero_stage == 0:
         print(
             f"error: {src / tag} has no ZeRO states (ZeRO-0): it loads on any number of ranks as it is", file=sys.stderr
         )

@@ -1,4 +1,6 @@
-"""Checkpoints: save, validate, find the newest valid one, load, prune. The trainer decides when.
+"""Checkpoints: the mechanism (save, validate, list, prune, read) and the policy (`CheckpointManager`: find the
+resume point, check it against the run, convert it when needed, load it; save with retention). The trainer
+decides when; the manager decides how; `Engine` does the DeepSpeed part of both.
 
 Layout of `<run_dir>/checkpoints/`:
   step_00000100/          DeepSpeed's files (model and ZeRO optimizer states of every rank), written by all
@@ -16,24 +18,29 @@ warning naming it, and the newest valid one is used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pretrain.config import CheckpointConfig
+from pretrain.distributed import World
+from pretrain.errors import BadInput
 from pretrain.fileutil import fsync_dir, write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from pretrain.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +50,37 @@ LATEST = "latest"
 TAG = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint that cannot be used for this run; the message names it."""
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json: where the run stood and what it was, checked before anything is loaded."""
+
+    step: int
+    consumed_samples: int  # global samples trained on: the data position, valid on any number of ranks
+    tokens_seen: int
+    global_batch: int
+    world_size: int
+    zero_stage: int
+    config: dict  # the resolved run config
+    data_fingerprint: dict  # pretrain.data.fingerprint of the training data
+
+    def at(self, step: int) -> CheckpointMeta:
+        """The same run at another step."""
+        return dataclasses.replace(
+            self, step=step, consumed_samples=step * self.global_batch, tokens_seen=step * self.global_batch
+            * self.config["model"]["seq_len"],
+        )  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict, where: Path) -> CheckpointMeta:
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in d] if isinstance(d, dict) else names
+        if missing:
+            raise CheckpointError(f"{where}: not a checkpoint's meta (missing {', '.join(missing)})")
+        return cls(**{n: d[n] for n in names})
 
 
 def tag_of(step: int) -> str:
@@ -77,38 +113,32 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != RECORD and not p.name.endswith(".tmp"))
 
 
-def save(ds_engine, ckpt_dir: Path, step: int, meta: dict, *, checksums: bool = True) -> str:
-    """Save on every rank (a collective); returns the tag. `meta` (JSON: step, config, data fingerprint, ...) is
-    what resuming checks before loading anything. Rank 0 writes the record, then moves `latest`."""
-    tag = tag_of(step)
-    rank, world = dist.get_rank(), dist.get_world_size()
+def save(engine: Engine, world: World, ckpt_dir: Path, meta: CheckpointMeta, *, checksums: bool = True) -> str:
+    """Save on every rank (a collective); returns the tag. `meta` is what resuming checks before loading
+    anything. Rank 0 writes the record, then moves `latest`."""
+    tag = tag_of(meta.step)
     target = ckpt_dir / tag
-    if rank == 0 and target.exists():  # a leftover of an interrupted save of the same step
+    if world.is_main and target.exists():  # a leftover of an interrupted save of the same step
         shutil.rmtree(target)
-    dist.barrier()
-    from deepspeed.checkpoint import constants as ds_constants
-
-    # A plain data-parallel model: DeepSpeed's universal format needs no more than its version to convert it
-    # (for resuming on another number of ranks).
-    universal = {ds_constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds_constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
-    client_state = {"pretrain": meta, ds_constants.UNIVERSAL_CHECKPOINT_INFO: universal}
-    ds_engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    write_bytes_atomic(target / f"rng_rank_{rank}.pt", _serialize(rng_state()))
-    if rank == 0:
-        write_json_atomic(target / META, meta)
-    dist.barrier()
+    world.barrier()
+    engine.save(ckpt_dir, tag, {"pretrain": dataclasses.asdict(meta)})
+    write_bytes_atomic(target / f"rng_rank_{world.rank}.pt", _serialize(rng_state()))
+    if world.is_main:
+        write_json_atomic(target / META, dataclasses.asdict(meta))
+    world.barrier()
     # Every rank hashes a share of the files; rank 0 collects the record.
     files = _files(target)
-    mine = {str(p.relative_to(target)): _describe(p, checksums) for i, p in enumerate(files) if i % world == rank}
-    gathered: list[dict] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(gathered, mine)
-    if rank == 0:
+    mine = {
+        str(p.relative_to(target)): _describe(p, checksums) for i, p in enumerate(files) if i % world.size == world.rank
+    }
+    gathered = world.all_gather(mine)
+    if world.is_main:
         for d in sorted({target, *(p.parent for p in files)}):  # the files' names are durable too
             fsync_dir(d)
         listing = {k: v for part in gathered for k, v in part.items()}
-        write_json_atomic(target / RECORD, {"tag": tag, "step": step, "world_size": world, "files": listing})
+        write_json_atomic(target / RECORD, {"tag": tag, "step": meta.step, "world_size": world.size, "files": listing})
         write_bytes_atomic(ckpt_dir / LATEST, tag.encode())
-    dist.barrier()
+    world.barrier()
     return tag
 
 
@@ -196,8 +226,13 @@ def newest_valid(ckpt_dir: Path, *, checksums: bool = True) -> str | None:
     return None
 
 
-def read_meta(ckpt_dir: Path, tag: str) -> dict:
-    return json.loads((ckpt_dir / tag / META).read_text())
+def read_meta(ckpt_dir: Path, tag: str) -> CheckpointMeta:
+    path = ckpt_dir / tag / META
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    return CheckpointMeta.from_dict(data, path)
 
 
 def read_rng(ckpt_dir: Path, tag: str, rank: int) -> dict | None:
@@ -207,13 +242,9 @@ def read_rng(ckpt_dir: Path, tag: str, rank: int) -> dict | None:
 
 def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The model's full fp32 state dict from a checkpoint of any ZeRO stage (on CPU, one process)."""
-    stage = read_meta(ckpt_dir, tag)["zero_stage"]
-    if stage == 0:
-        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from pretrain.engine import consolidated_state_dict
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return consolidated_state_dict(ckpt_dir, tag, read_meta(ckpt_dir, tag).zero_stage)
 
 
 def universal_tag(tag: str) -> str:
@@ -223,19 +254,17 @@ def universal_tag(tag: str) -> str:
 def to_universal(ckpt_dir: Path, tag: str) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (once), next to it: <tag>.universal/.
     Written under a temporary name and renamed when complete. Rank 0 only."""
+    from pretrain.engine import convert_to_universal
+
     out = ckpt_dir / universal_tag(tag)
     if out.is_dir():
         return out
     tmp = ckpt_dir / (universal_tag(tag) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
-        "--num_merge_workers", "1",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CheckpointError(f"{ckpt_dir / tag}: conversion to the universal format failed:\n{result.stderr[-2000:]}")
+    try:
+        convert_to_universal(ckpt_dir / tag, tmp)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt_dir / tag}: conversion to the universal format failed:\n{e}") from None
     os.replace(tmp, out)
     return out
 
@@ -258,3 +287,165 @@ def prune(ckpt_dir: Path, *, keep_last: int, keep_every: int, protect: str) -> l
         shutil.rmtree(ckpt_dir / universal_tag(c.tag), ignore_errors=True)
         removed.append(c.tag)
     return removed
+
+
+# ----------------------------------------------------------------------------------------------- policy
+@dataclass
+class ResumePoint:
+    """A checkpoint to resume from, checked against the run."""
+
+    directory: Path  # the checkpoints directory that holds it
+    tag: str
+    meta: CheckpointMeta
+    universal: bool  # saved by another number of ranks or ZeRO stage: loads through DeepSpeed's universal format
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.tag
+
+
+class CheckpointManager:
+    """The checkpoint policy of one run (rank 0 looks and decides, every rank gets the same answer):
+
+    - `find()`: the checkpoint `checkpoint.resume` names (auto: the newest valid one in the run's directory),
+      checked against the run (model, global batch, training data, ZeRO stage): a `ResumePoint`, or None.
+    - `load(point)`: converts it to DeepSpeed's universal format when another number of ranks or stage saved it,
+      loads it into the engine (and every rank's RNG states when the ranks are the same); returns its step.
+    - `save(step)`: a checkpoint of the run at `step`, then retention.
+
+    `run` is the run's own meta at step 0: what a checkpoint must agree with, and the template of what is saved.
+    """
+
+    def __init__(self, ckpt_dir: Path, cfg: CheckpointConfig, *, engine: Engine, world: World, run: CheckpointMeta):
+        self.dir = Path(ckpt_dir)
+        self.cfg = cfg
+        self.engine = engine
+        self.world = world
+        self.run = run
+
+    # ------------------------------------------------------------------------------------------- find
+    def find(self) -> ResumePoint | None:
+        if self.cfg.resume == "none":
+            if list_checkpoints(self.dir):
+                raise CheckpointError(
+                    f"checkpoint.resume: none, but {self.dir} holds checkpoints of an earlier run; use another "
+                    "train.run_dir, or resume it (checkpoint.resume=auto)"
+                )
+            return None
+        found = self.world.broadcast(self._locate() if self.world.is_main else None)
+        if isinstance(found, Exception):
+            raise found
+        if found is None:
+            return None
+        directory, tag = Path(found[0]), found[1]
+        meta = read_meta(directory, tag)
+        self.check(directory / tag, meta)
+        universal = meta.zero_stage > 0 and (
+            meta.world_size != self.run.world_size or meta.zero_stage != self.run.zero_stage
+        )
+        return ResumePoint(directory, tag, meta, universal)
+
+    def _locate(self) -> tuple[str, str] | Exception | None:
+        """(checkpoints directory, tag) that checkpoint.resume names; None: start fresh. Errors are returned,
+        to be raised on every rank."""
+        resume, checksums = self.cfg.resume, self.cfg.checksums
+        try:
+            if resume == "auto":
+                tag = newest_valid(self.dir, checksums=checksums)
+                return (str(self.dir), tag) if tag else None
+            path = Path(resume)
+            if path.is_dir() and ((path / RECORD).exists() or (path / META).exists()):
+                src, tag = path.parent, path.name
+            elif path.is_dir():
+                src, tag = path, newest_valid(path, checksums=checksums)
+                if tag is None:
+                    raise CheckpointError(f"checkpoint.resume: {path} holds no valid checkpoint")
+            else:
+                src, tag = self.dir, resume
+            problem = validate(src, tag, checksums=checksums)
+            if problem:
+                raise CheckpointError(f"checkpoint.resume: {problem}")
+            return str(src), tag
+        except CheckpointError as e:
+            return e
+
+    def check(self, where: Path, meta: CheckpointMeta) -> None:
+        """Refuse a checkpoint this run cannot continue, naming the difference."""
+        old_model, new_model = dict(meta.config["model"]), dict(self.run.config["model"])
+        for key in ("activation_checkpointing",):  # may change between attempts
+            old_model.pop(key, None)
+            new_model.pop(key, None)
+        diff = [
+            f"model.{k}: {old_model.get(k)!r} -> {new_model.get(k)!r}"
+            for k in new_model
+            if old_model.get(k) != new_model.get(k)
+        ]
+        if diff:
+            raise CheckpointError(f"{where}: the model differs from the checkpoint's: {'; '.join(diff)}")
+        if meta.global_batch != self.run.global_batch:
+            raise CheckpointError(
+                f"{where}: trained with a global batch of {meta.global_batch} sequences, this run has "
+                f"{self.run.global_batch}; the data position is counted in batches, so it must stay the same"
+            )
+        if meta.data_fingerprint != self.run.data_fingerprint and not self.cfg.allow_data_change:
+            raise CheckpointError(
+                f"{where}: the training data differs from the checkpoint's (datasets, their contents, weights, "
+                "seq_len or data.seed); set checkpoint.allow_data_change=true if that is deliberate"
+            )
+        old, new = meta.zero_stage, self.run.zero_stage
+        if old != new and 3 in (old, new):
+            raise CheckpointError(
+                f"{where}: saved with ZeRO-{old}, this run uses ZeRO-{new}; moving between ZeRO-3 and the other "
+                "stages is not supported (DeepSpeed's universal format differs between them); any number of ranks "
+                "is, with the checkpoint's stage"
+            )
+        if (old == 0) != (new == 0):
+            raise CheckpointError(
+                f"{where}: saved with ZeRO-{old}, this run uses ZeRO-{new}; moving between no ZeRO and ZeRO is not "
+                "supported (between ZeRO stages 1-3, and across numbers of ranks, it is)"
+            )
+
+    # ------------------------------------------------------------------------------------------- load
+    def load(self, point: ResumePoint) -> int:
+        """Load `point` into the engine (built with load_universal=point.universal); returns its step."""
+        tag = point.tag
+        if point.universal:
+            if self.world.is_main:
+                log.info(
+                    "converting %s (%d ranks, ZeRO-%d) to DeepSpeed's universal format",
+                    point.path,
+                    point.meta.world_size,
+                    point.meta.zero_stage,
+                )
+                to_universal(point.directory, point.tag)
+            self.world.barrier()
+            tag = universal_tag(point.tag)
+        try:
+            loaded = self.engine.load(point.directory, tag)
+        except (AssertionError, OSError, RuntimeError, KeyError) as e:  # e.g. files removed while loading
+            raise CheckpointError(
+                f"{point.directory / tag}: DeepSpeed could not load it ({type(e).__name__}: {e})"
+            ) from e
+        if loaded is None:
+            raise CheckpointError(f"{point.directory / tag}: DeepSpeed could not load it")
+        rng = read_rng(point.directory, point.tag, self.world.rank)
+        if rng is not None and point.meta.world_size == self.run.world_size:
+            set_rng_state(rng)
+        if self.world.is_main:
+            log.info("resumed from %s at step %d", point.path, point.meta.step)
+        return point.meta.step
+
+    # ------------------------------------------------------------------------------------------- save
+    def save(self, step: int) -> tuple[str, list[str]]:
+        """A checkpoint of the run at `step` on every rank (a collective), then retention on rank 0; returns the
+        tag and the tags removed."""
+        tag = save(self.engine, self.world, self.dir, self.run.at(step), checksums=self.cfg.checksums)
+        removed = []
+        if self.world.is_main:
+            removed = prune(self.dir, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every, protect=tag)
+        return tag, removed
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (what `latest` names), if any."""
+        pointer = self.dir / LATEST
+        return self.dir / pointer.read_text().strip() if pointer.is_file() else None

@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pretrain.errors import BadInput
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInput, ValueError):
     """A configuration key or value that is not acceptable; the message starts with the dotted key."""
 
 
@@ -93,6 +95,9 @@ class TrainConfig:
     max_wall_time: float | None = None  # seconds: save and exit 3 before the run has been going this long
     stop_at_step: int | None = None  # save and exit 3 after this step, as if preempted (split a run into jobs)
     max_bad_steps: int = 5  # consecutive steps with non-finite loss/gradients (each skipped) before the run stops
+    orphan_grace_seconds: float = 30.0  # launcher gone: save first if a step and a save fit in this, else exit now
+    lock_stale_seconds: float = 300.0  # a run directory lock held from another host without heartbeat for this long
+    # is taken over (on the same host a dead holder is seen at once)
 
 
 @dataclass
@@ -164,6 +169,8 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.max_wall_time": POSITIVE,
     "train.stop_at_step": POSITIVE,
     "train.max_bad_steps": POSITIVE,
+    "train.orphan_grace_seconds": POSITIVE,
+    "train.lock_stale_seconds": POSITIVE,
 }
 
 
@@ -318,8 +325,50 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.min_lr: {cfg.optim.min_lr} is above optim.lr {cfg.optim.lr}")
 
 
-def global_batch_seqs(t: TrainConfig, seq_len: int) -> int:
-    return t.global_batch_seqs if t.global_batch_seqs is not None else t.global_batch_tokens // seq_len
+@dataclass(frozen=True)
+class BatchPlan:
+    """The run's batch arithmetic, resolved once (`BatchPlan.resolve`) and handed to everything that needs it:
+    the engine (DeepSpeed's batch keys), the data (which samples each rank reads), the loop (tokens, steps)."""
+
+    global_batch: int  # sequences per optimizer step, all ranks
+    micro_batch: int  # sequences per forward/backward on one rank
+    world_size: int
+    seq_len: int
+
+    @classmethod
+    def resolve(cls, train: TrainConfig, *, seq_len: int, world_size: int) -> BatchPlan:
+        g = train.global_batch_seqs if train.global_batch_seqs is not None else train.global_batch_tokens // seq_len
+        micro = train.micro_batch_seqs
+        per_rank, rem = divmod(g, world_size)
+        if rem or per_rank % micro:
+            raise ConfigError(
+                f"train.global_batch_seqs: a global batch of {g} sequences does not split into {world_size} "
+                f"rank(s) x micro-batches of {micro} (train.micro_batch_seqs); make it a multiple of {world_size * micro}"
+            )
+        return cls(global_batch=g, micro_batch=micro, world_size=world_size, seq_len=seq_len)
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def grad_accum(self) -> int:
+        return self.per_rank // self.micro_batch
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def rank_range(self, step: int, rank: int) -> tuple[int, int]:
+        """The global sample numbers [start, stop) rank `rank` consumes at `step`."""
+        start = step * self.global_batch + rank * self.per_rank
+        return start, start + self.per_rank
+
+    def total_steps(self, train: TrainConfig) -> int:
+        """Optimizer steps of the run: train.max_steps, or fewer if train.max_tokens is reached first."""
+        if train.max_tokens is None:
+            return train.max_steps
+        return min(train.max_steps, math.ceil(train.max_tokens / self.tokens_per_step))
 
 
 def to_dict(cfg) -> dict:

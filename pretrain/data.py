@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pretrain.config import DatasetSpec
+from pretrain.config import BatchPlan, DatasetSpec
+from pretrain.errors import BadInput
 from pretrain.shards import IndexedShard, ShardError, read_manifest, shard_file
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     """A dataset that cannot be used by this run; the message names the dataset and the config key."""
 
 
@@ -162,34 +162,8 @@ def blend(weights: np.ndarray, start: int, count: int) -> tuple[np.ndarray, np.n
     return ds[take], kk[take]
 
 
-@dataclass
-class BatchPlan:
-    global_batch: int  # sequences per optimizer step, all ranks
-    micro_batch: int  # sequences per forward/backward on one rank
-    rank: int
-    world_size: int
-
-    def __post_init__(self):
-        per_rank, rem = divmod(self.global_batch, self.world_size)
-        if rem or per_rank % self.micro_batch:
-            raise DataError(
-                f"train.global_batch_seqs: {self.global_batch} sequences do not split into {self.world_size} rank(s) x "
-                f"micro-batches of {self.micro_batch} (train.micro_batch_seqs)"
-            )
-
-    @property
-    def grad_accum(self) -> int:
-        return self.global_batch // (self.world_size * self.micro_batch)
-
-    def rank_range(self, step: int) -> tuple[int, int]:
-        """The global sample numbers [start, stop) this rank consumes at `step`."""
-        per_rank = self.global_batch // self.world_size
-        start = step * self.global_batch + self.rank * per_rank
-        return start, start + per_rank
-
-
 class BlendedDataset:
-    """Datasets blended by weight; `batch(step, plan)` gives this rank's micro-batches for an optimizer step."""
+    """Datasets blended by weight; `batch(step, plan, rank)` gives a rank's micro-batches for an optimizer step."""
 
     def __init__(self, datasets: list[PackedDataset], weights: list[float]):
         self.datasets = datasets
@@ -200,9 +174,9 @@ class BlendedDataset:
         ds, ks = blend(self.weights, start, stop - start)
         return np.stack([self.datasets[d].sample(int(k)) for d, k in zip(ds, ks)])
 
-    def batch(self, step: int, plan: BatchPlan) -> list[np.ndarray]:
+    def batch(self, step: int, plan: BatchPlan, rank: int) -> list[np.ndarray]:
         """(micro_batch, seq_len + 1) int64 arrays, plan.grad_accum of them."""
-        start, stop = plan.rank_range(step)
+        start, stop = plan.rank_range(step, rank)
         x = self.samples(start, stop)
         return [x[i : i + plan.micro_batch] for i in range(0, len(x), plan.micro_batch)]
 

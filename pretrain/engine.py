@@ -1,18 +1,23 @@
-"""The one place that talks to DeepSpeed for training.
+"""The one place that calls DeepSpeed: the training engine, its config, its checkpoint files.
 
-    engine = Engine(model, cfg.optim, cfg.train, global_batch=G)
+    plan = BatchPlan.resolve(cfg.train, seq_len=cfg.model.seq_len, world_size=world.size)
+    engine = Engine(cfg.optim, cfg.train, plan)       # the DeepSpeed config is settled: zero_stage, precision
+    model = engine.build(cfg.model, seed=cfg.train.seed)   # the model, built (partitioned under ZeRO-3) and wrapped
     stats = engine.train_step(micro_batches, lr)     # one optimizer step over this rank's micro-batches
     loss = engine.eval_step(micro_batches)
+    engine.save(ckpt_dir, tag, client_state)  /  engine.load(ckpt_dir, tag)
 
 `build_ds_config` reads the engine settings from a ds_configs/*.json file (ZeRO stage, offload, communication)
-and injects what the run derives: batch sizes (gradient accumulation = global / (micro * world size)), gradient
-clipping, precision and the AdamW optimizer. A JSON that sets one of these keys to a different value stops the run
-with a message naming the key; "auto" is replaced.
+and injects what the run derives: the batch plan's keys (gradient accumulation = global / (micro * world size)),
+gradient clipping, precision and the AdamW optimizer. A JSON that sets one of these keys to a different value stops
+the run with a message naming the key; "auto" is replaced.
 
 DeepSpeed's contract is hidden here: backward() scales the loss by the accumulation, step() is called after every
 micro-batch and only updates the weights at the accumulation boundary. The learning rate is set on the
 optimizer's parameter groups before each step from a pure function of the step (`lr_at`), so there is no
-scheduler state.
+scheduler state. So is what DeepSpeed's checkpoint files are: the client state that makes them convertible to the
+universal format, the conversion itself (`convert_to_universal`), and reading one whole fp32 state dict back
+(`consolidated_state_dict`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import ctypes
 import json
 import logging
 import math
-import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +37,10 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
+from deepspeed.checkpoint import constants as ds_constants
 
-from pretrain.config import ConfigError, OptimConfig, TrainConfig
+from pretrain.config import BatchPlan, ConfigError, ModelConfig, OptimConfig, TrainConfig
+from pretrain.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +79,8 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if get_accelerator().device_name() == "cuda" else "fp32"
 
 
-def build_ds_config(
-    path: str | Path, *, train: TrainConfig, optim: OptimConfig, global_batch: int, world_size: int, precision: str
-) -> dict:
-    """The DeepSpeed config: the JSON's engine settings plus the keys this run derives (see module docstring)."""
+def read_ds_json(path: str | Path) -> dict:
+    """A ds_configs JSON as a dict, or a ConfigError naming train.ds_config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"train.ds_config: {path} not found")
@@ -82,19 +88,25 @@ def build_ds_config(
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.ds_config: {path} is not valid JSON ({e})") from None
-    micro = train.micro_batch_seqs
-    per_rank, rem = divmod(global_batch, world_size)
-    if rem or per_rank % micro:
-        raise ConfigError(
-            f"train.global_batch_seqs: a global batch of {global_batch} sequences does not split into {world_size} "
-            f"rank(s) x micro-batches of {micro} (train.micro_batch_seqs); make it a multiple of {world_size * micro}"
-        )
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.ds_config: {path} must hold a JSON object")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0: none)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_ds_config(path: str | Path, *, optim: OptimConfig, plan: BatchPlan, precision: str) -> dict:
+    """The DeepSpeed config: the JSON's engine settings plus the keys this run derives (see module docstring)."""
+    ds = read_ds_json(path)
     on_cpu = get_accelerator().device_name() == "cpu"
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(ds)
     derived = {
-        "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": per_rank // micro,
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": optim.grad_clip,
     }
     for key, value in derived.items():
@@ -211,52 +223,34 @@ class StepStats:
 
 
 class Engine:
-    """Two phases: Engine(...) settles the DeepSpeed config; the caller builds the model inside
-    `engine.model_context()` (ZeRO-3 partitions parameters as they are created, so no rank ever holds the whole
-    model) and initialises it with `engine.gather`; then `engine.initialize(model)`."""
+    """Two phases: `Engine(optim, train, plan)` settles the DeepSpeed config (stage, precision, batch keys), so
+    that a resume point can be checked against it; `engine.build(model_cfg, seed=...)` then builds the model (under
+    ZeRO-3 partitioned as its parameters are created, so no rank ever holds the whole model), initialises its
+    weights and hands it to DeepSpeed. `ds` is DeepSpeed's engine: nothing outside this module calls it."""
 
-    def __init__(self, optim: OptimConfig, train: TrainConfig, *, global_batch: int, load_universal: bool = False):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    def __init__(self, optim: OptimConfig, train: TrainConfig, plan: BatchPlan):
+        self.plan = plan
         self.precision = resolve_precision(train.precision)
-        self.ds_config = build_ds_config(
-            train.ds_config,
-            train=train,
-            optim=optim,
-            global_batch=global_batch,
-            world_size=self.world_size,
-            precision=self.precision,
-        )
-        self.load_universal = load_universal
-        if load_universal:  # the checkpoint to resume was saved by another number of ranks or ZeRO stage
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        self.ds_config = build_ds_config(train.ds_config, optim=optim, plan=plan, precision=self.precision)
         self.optim_cfg = optim
-        self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
-        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        self.zero_stage = zero_stage(self.ds_config)
+        self.grad_accum = plan.grad_accum
         self.grad_clip = optim.grad_clip
         self.manual_clip = manual_clipping(self.zero_stage, self.precision)
         self.ds = None
 
-    @staticmethod
-    def stage_of(ds_config_path: str) -> int:
-        """The ZeRO stage a ds_configs JSON asks for (0 when unreadable: build_ds_config reports that)."""
-        try:
-            return int(json.loads(Path(ds_config_path).read_text()).get("zero_optimization", {}).get("stage", 0))
-        except (OSError, ValueError, AttributeError):
-            return 0
-
-    def model_context(self):
-        """Where to build the model: partitioned at creation under ZeRO-3."""
+    def build(self, model_cfg: ModelConfig, *, seed: int, load_universal: bool = False) -> Transformer:
+        """Build and initialise the model and DeepSpeed's engine around it; returns the model.
+        `load_universal`: the checkpoint to load was saved by another number of ranks or ZeRO stage, and loads
+        through DeepSpeed's universal format (decided by the checkpoint manager)."""
+        if load_universal:
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         if self.zero_stage == 3:
-            return deepspeed.zero.Init(config_dict_or_path=self.ds_config)
-        return contextlib.nullcontext()
-
-    def gather(self, params: list[torch.nn.Parameter]):
-        """Make (partitioned) parameters whole for writing; rank 0's values are kept."""
-        if self.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-        return contextlib.nullcontext()
-
-    def initialize(self, model: torch.nn.Module) -> None:
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                model = Transformer(model_cfg)
+        else:
+            model = Transformer(model_cfg)
+        model.init_weights(seed, gather=self._gather)
         groups = param_groups(model, self.optim_cfg)
         self.group_weight_decay = [g["weight_decay"] for g in groups]
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
@@ -265,14 +259,30 @@ class Engine:
         self.device = self.ds.device
         assert self.ds.zero_optimization_stage() == self.zero_stage
         assert self.ds.gradient_accumulation_steps() == self.grad_accum
+        return model
+
+    def _gather(self, params: list[torch.nn.Parameter]):
+        """Make (partitioned) parameters whole for writing; rank 0's values are kept."""
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        return contextlib.nullcontext()
 
     @property
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
-    def load(self, ckpt_dir: str, tag: str) -> str | None:
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict) -> None:
+        """Every rank writes its part of the model and optimizer states to ckpt_dir/tag (a collective)."""
+        # A plain data-parallel model: DeepSpeed's universal format needs no more than its version to convert it
+        # (for resuming on another number of ranks).
+        universal = {ds_constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds_constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        state = {**client_state, ds_constants.UNIVERSAL_CHECKPOINT_INFO: universal}
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+
+    def load(self, ckpt_dir: Path, tag: str) -> str | None:
         """Load a checkpoint (DeepSpeed's load_checkpoint); returns its path, None if DeepSpeed found nothing."""
-        path, _ = self.ds.load_checkpoint(ckpt_dir, tag=tag)
+        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         # ZeRO-3's universal loader gives every parameter group the first group's settings; ours differ in weight
         # decay (none on norms and embeddings), so they are set again.
         for group, weight_decay in zip(self.optimizer.param_groups, self.group_weight_decay, strict=True):
@@ -327,9 +337,39 @@ class Engine:
             total += self._loss(batch)
         return total / len(micro_batches)
 
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's logits for a batch of token ids, in eval mode (every rank together under ZeRO-3)."""
+        self.ds.eval()
+        return self.ds(tokens.to(self.device))
+
     def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().clone().float()
-        if self.world_size > 1:
+        if self.plan.world_size > 1:
             torch.distributed.all_reduce(value)
-            value /= self.world_size
+            value /= self.plan.world_size
         return value
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint files
+def convert_to_universal(src: Path, out: Path) -> None:
+    """DeepSpeed's conversion of a ZeRO checkpoint directory to its universal format (in a subprocess, one worker);
+    raises RuntimeError with the tail of its output when it fails."""
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(src), "--output_folder", str(out), "--num_extract_workers", "1",
+        "--num_merge_workers", "1",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
+    """The model's full fp32 state dict from a checkpoint of ZeRO stage `stage` (on CPU, one process)."""
+    if stage == 0:
+        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

@@ -1,4 +1,8 @@
-"""Shared fixtures: a small tokenizer trained once on the demo corpus, real documents, and CLI runners."""
+"""Fixtures shared by every test: a small tokenizer trained once on the demo corpus, real documents, tiny datasets.
+Helpers to import (runners, readers) are in tests/helpers.py.
+
+Tests under tests/e2e/ are marked `e2e` (real training runs in separate processes, most with 2 ranks over gloo);
+the rest are fast unit tests: `pytest -m "not e2e"` runs them alone."""
 
 from __future__ import annotations
 
@@ -9,19 +13,15 @@ import pytest
 
 from data_prep.corpora import sotu_dir
 
-# Text that is easy to get wrong: leading/trailing/multiple spaces, tabs, CR/LF, digits, accents, CJK, emoji,
-# control characters, a byte-order mark.
-TRICKY = [
-    "  two leading spaces and a trailing one ",
-    "tabs\tand\r\nwindows line ends\r\n",
-    "\n\nstarts with blank lines",
-    "digits 0123456789 and 3.14159 and 1,000,000",
-    "naïve café, Straße, Ελληνικά, русский, 日本語のテキスト, 한국어",
-    "emoji 🙂🚀 and symbols ∑∫√ ™ ©",
-    "control \x00 \x07 \x7f characters",
-    "\ufeffbyte order mark",
-    "x",
-]
+from .helpers import tokenize
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -48,24 +48,6 @@ def tokenizer(tokenizer_path):
     return Tokenizer(tokenizer_path)
 
 
-def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
-    path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
-    return path
-
-
-def tokenize(inputs, out: Path, tokenizer_path: Path, *extra: str) -> int:
-    from data_prep import tokenize_corpus
-
-    argv = [str(p) for p in inputs] + ["--tokenizer", str(tokenizer_path), "--output", str(out), "--quiet", *extra]
-    return tokenize_corpus.main(argv)
-
-
-def dataset_files(out: Path) -> dict[str, bytes]:
-    """Every shard file and the manifest of a dataset, by relative path."""
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in (".lock",))
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in files}
-
-
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, speeches, tokenizer_path) -> Path:
     """Shards of 40 speeches (about 0.5M tokens with the 2000-piece tokenizer), 5% held out."""
@@ -74,25 +56,30 @@ def tiny_dataset(tmp_path_factory, speeches, tokenizer_path) -> Path:
     return out
 
 
-REPO = Path(__file__).resolve().parents[1]
+@pytest.fixture(scope="session")
+def second_dataset(tmp_path_factory, speeches, tokenizer_path) -> Path:
+    """Shards of 30 later speeches, for blends."""
+    out = tmp_path_factory.mktemp("data2") / "sotu_late"
+    assert tokenize(speeches[200:230], out, tokenizer_path, "--val-fraction", "0.05", "--shard-tokens", "50000") == 0
+    return out
 
 
-def tiny_overrides(tokenizer_path: Path, dataset: Path, run_dir: Path) -> list[str]:
-    """Config overrides for a small, fast training run on the tiny dataset."""
-    return [
-        f"data.tokenizer={tokenizer_path}",
-        f"data.datasets=[{dataset}]",
-        f"train.run_dir={run_dir}",
-        "model.d_model=64",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.seq_len=32",
-        "optim.warmup_steps=2",
-        "optim.lr=1e-2",
-        "train.threads=1",
-    ]
+@pytest.fixture(scope="session")
+def world():
+    """A process group of one in the test process, for in-process tests of the engine and the checkpoint manager.
+    (Runs launched by tests/helpers.py get an environment without its RANK, MASTER_PORT, ...)."""
+    from pretrain.distributed import init_distributed
+
+    return init_distributed()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture
+def ds_json(tmp_path):
+    """A ds_configs-style JSON for a ZeRO stage: ds_json(stage) -> its path."""
+
+    def make(stage: int):
+        path = tmp_path / f"zero{stage}.json"
+        path.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        return str(path)
+
+    return make

@@ -3,7 +3,7 @@ import pytest
 from data_prep import inspect_shards
 from data_prep.__main__ import main as data_prep_main
 
-from .conftest import tokenize, write_jsonl
+from ..helpers import tokenize, write_jsonl
 
 
 @pytest.fixture

@@ -1,12 +1,8 @@
 """End-to-end training runs in real processes: 1 rank, and 2 ranks (gloo) under deepspeed and torchrun."""
 
-import socket
-import subprocess
-import sys
-
 import pytest
 
-from .conftest import REPO, read_metrics, tiny_overrides
+from ..helpers import pretrain, read_metrics, tiny_overrides
 
 STEPS = 8
 SCALARS = [
@@ -19,26 +15,6 @@ SCALARS = [
     "perf/step_time",
     "perf/memory_gib",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher(kind: str, nproc: int) -> list[str]:
-    bin_dir = f"{sys.prefix}/bin"
-    if kind == "python":
-        return [sys.executable]
-    if kind == "deepspeed":
-        return [f"{bin_dir}/deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port())]
-    return [f"{bin_dir}/torchrun", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-
-
-def pretrain(kind: str, nproc: int, overrides: list[str], timeout=600) -> subprocess.CompletedProcess:
-    cmd = [*launcher(kind, nproc), str(REPO / "launch/pretrain.py"), *overrides]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="module")

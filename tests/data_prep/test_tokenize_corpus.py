@@ -1,18 +1,21 @@
 import gzip
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import zstandard
 
-from data_prep.tokenize_corpus import is_val, split_salt
+from data_prep import tokenize_corpus
+from data_prep.tokenize_corpus import TokenizeSettings, build_parser, is_val, run, split_salt
 from pretrain.shards import IndexedShard, manifest_shards, read_manifest, verify_dataset
 
-from .conftest import TRICKY, dataset_files, tokenize, write_jsonl
+from ..helpers import TRICKY, dataset_files, tokenize, write_jsonl
 
 
 def decoded_documents(out, tokenizer):
@@ -253,3 +256,50 @@ def test_ctrl_c_exits_130_and_resumes(tmp_path, speeches, tokenizer_path):
     assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))
     assert run_cli([*speeches[:120], *common, "--output", out, "--resume"]).wait() == 0
     assert verify_dataset(out) == []
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    args = build_parser().parse_args(["corpus/", "--tokenizer", "tok/sp.model", "--output", "data/x"])
+    assert vars(args) == asdict(TokenizeSettings(inputs=["corpus/"], tokenizer="tok/sp.model", output="data/x"))
+
+
+def test_run_with_settings_writes_what_the_cli_writes(tmp_path, corpus, tokenizer_path):
+    path, _ = corpus
+    settings = TokenizeSettings(
+        inputs=[path], tokenizer=tokenizer_path, output=tmp_path / "lib", shard_tokens=20000, workers=2, quiet=True
+    )
+    manifest = run(settings)
+    assert tokenize([path], tmp_path / "cli", tokenizer_path, "--shard-tokens", "20000", "--workers", "2") == 0
+    lib = dataset_files(tmp_path / "lib")
+    assert len([k for k in lib if k.endswith(".bin")]) > 3
+    assert lib == dataset_files(tmp_path / "cli")  # every shard and the manifest, byte for byte
+    assert manifest == read_manifest(tmp_path / "lib")
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"split_seed": -1}, "--split-seed must be in [0, 2**128), got -1"),
+        ({"split_seed": 2**128}, f"--split-seed must be in [0, 2**128), got {2**128}"),
+        ({"val_fraction": 1.0}, "--val-fraction must be in [0, 1), got 1.0"),
+        ({"shard_tokens": 0}, "--shard-tokens must be at least 1, got 0"),
+        ({"workers": 0}, "--workers must be at least 1, got 0"),
+        ({"batch_docs": -3}, "--batch-docs must be at least 1, got -3"),
+        ({"batch_mb": 0.0}, "--batch-mb must be positive, got 0.0"),
+        ({"on_error": "ignore"}, "--on-error must be one of fail, skip, got 'ignore'"),
+        ({"resume": True, "overwrite": True}, "--resume and --overwrite exclude each other"),
+    ],
+)
+def test_bad_settings_name_the_flag(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TokenizeSettings(inputs=["x.jsonl"], tokenizer="sp.model", output=tmp_path / "ds", **bad)
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_setting_on_the_command_line_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tokenize_corpus.main(["x.jsonl", "--tokenizer", "sp.model", "--output", str(tmp_path), "--batch-mb", "-1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m data_prep tokenize")
+    assert err.endswith("error: --batch-mb must be positive, got -1.0\n")

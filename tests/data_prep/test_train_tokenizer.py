@@ -1,13 +1,15 @@
 import json
+import re
+from dataclasses import asdict
 
 import pytest
 import sentencepiece as spm
 
 from data_prep import train_tokenizer
 from data_prep.readers import CorpusReader
-from data_prep.train_tokenizer import cut, sample_lines
+from data_prep.train_tokenizer import TokenizerSettings, build_parser, cut, sample_lines, train
 
-from .conftest import TRICKY, write_jsonl
+from ..helpers import TRICKY, write_jsonl
 
 
 def test_lossless_round_trip(tokenizer, speeches):
@@ -89,3 +91,48 @@ def test_bad_arguments_exit_with_usage(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_tokenizer.main(["x.txt", "--output", str(tmp_path / "t"), "--vocab-size", "100"])
     assert e.value.code == 2
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    args = build_parser().parse_args(["corpus/", "--output", "tok/sp"])
+    assert vars(args) == asdict(TokenizerSettings(inputs=["corpus/"], output="tok/sp"))
+
+
+def test_train_with_settings_writes_what_the_cli_writes(tmp_path, speeches):
+    settings = TokenizerSettings(inputs=speeches[:5], output=tmp_path / "lib", vocab_size=400, quiet=True)
+    record = train(settings)
+    cli = [*map(str, speeches[:5]), "--output", str(tmp_path / "cli"), "--vocab-size", "400", "--quiet"]
+    assert train_tokenizer.main(cli) == 0
+    for ext in (".model", ".vocab", ".json"):
+        assert (tmp_path / f"lib{ext}").read_bytes() == (tmp_path / f"cli{ext}").read_bytes(), ext
+    assert record == json.loads((tmp_path / "lib.json").read_text())
+    assert record["inputs"] == [str(p) for p in speeches[:5]]
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ({"vocab_size": 200}, "--vocab-size 200 is too small: byte fallback alone takes 256 pieces plus 4 specials"),
+        ({"sample_lines": 0}, "--sample-lines must be >= 1 and --max-line-bytes >= 16"),
+        ({"max_line_bytes": 15}, "--sample-lines must be >= 1 and --max-line-bytes >= 16"),
+        ({"model_type": "wordpiece"}, "--model-type must be one of bpe, unigram, got 'wordpiece'"),
+        ({"on_error": "ignore"}, "--on-error must be one of fail, skip, got 'ignore'"),
+    ],
+)
+def test_bad_settings_name_the_flag(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TokenizerSettings(inputs=["x.txt"], output=tmp_path / "t", **bad)
+    assert not list(tmp_path.iterdir())
+
+
+def test_small_vocab_without_byte_fallback_is_allowed(tmp_path):
+    assert TokenizerSettings(inputs=["x.txt"], output=tmp_path / "t", vocab_size=200, byte_fallback=False)
+
+
+def test_bad_setting_on_the_command_line_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_tokenizer.main(["x.txt", "--output", str(tmp_path / "t"), "--sample-lines", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m data_prep train-tokenizer")
+    assert err.endswith("error: --sample-lines must be >= 1 and --max-line-bytes >= 16\n")

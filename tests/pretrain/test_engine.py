@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from pretrain.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
+from pretrain.config import BatchPlan, ConfigError, ModelConfig, OptimConfig, TrainConfig
 from pretrain.engine import build_ds_config, lr_at, param_groups
 from pretrain.model import Transformer
 
-from .conftest import REPO
+from ..helpers import REPO
 
 
 def optim(**kw):
@@ -42,26 +42,23 @@ def test_last_step_of_the_run_is_at_min_lr():
 
 
 def test_total_steps_from_max_tokens():
-    from pretrain.config import TrainConfig
-    from pretrain.trainer import total_steps
+    plan = BatchPlan(global_batch=8, micro_batch=8, world_size=1, seq_len=512)  # 4096 tokens per step
+    assert plan.total_steps(TrainConfig(max_steps=100)) == 100
+    assert plan.total_steps(TrainConfig(max_steps=100, max_tokens=40_960)) == 10
+    assert plan.total_steps(TrainConfig(max_steps=100, max_tokens=40_961)) == 11
+    assert plan.total_steps(TrainConfig(max_steps=5, max_tokens=10**9)) == 5
 
-    assert total_steps(TrainConfig(max_steps=100), 4096) == 100
-    assert total_steps(TrainConfig(max_steps=100, max_tokens=40_960), 4096) == 10
-    assert total_steps(TrainConfig(max_steps=100, max_tokens=40_961), 4096) == 11
-    assert total_steps(TrainConfig(max_steps=5, max_tokens=10**9), 4096) == 5
+
+def plan_of(global_batch=8, world=1, micro=None, seq_len=16) -> BatchPlan:
+    train = TrainConfig(global_batch_seqs=global_batch, micro_batch_seqs=micro or global_batch // world)
+    return BatchPlan.resolve(train, seq_len=seq_len, world_size=world)
 
 
 def ds_config(tmp_path, content: dict, *, global_batch=16, world=2, micro=4, precision="fp32"):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(content))
-    return build_ds_config(
-        path,
-        train=TrainConfig(micro_batch_seqs=micro),
-        optim=optim(grad_clip=0.5),
-        global_batch=global_batch,
-        world_size=world,
-        precision=precision,
-    )
+    plan = plan_of(global_batch, world, micro)
+    return build_ds_config(path, optim=optim(grad_clip=0.5), plan=plan, precision=precision)
 
 
 def test_derived_keys_are_injected(tmp_path):
@@ -94,14 +91,10 @@ def test_conflicts_and_bad_batch_arithmetic(tmp_path, content, kw, message):
 
 def test_missing_or_broken_ds_config(tmp_path):
     with pytest.raises(ConfigError, match="train.ds_config: .*nope.json not found"):
-        build_ds_config(
-            tmp_path / "nope.json", train=TrainConfig(), optim=optim(), global_batch=8, world_size=1, precision="fp32"
-        )
+        build_ds_config(tmp_path / "nope.json", optim=optim(), plan=plan_of(8), precision="fp32")
     (tmp_path / "bad.json").write_text("{stage: 1")
     with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
-        build_ds_config(
-            tmp_path / "bad.json", train=TrainConfig(), optim=optim(), global_batch=8, world_size=1, precision="fp32"
-        )
+        build_ds_config(tmp_path / "bad.json", optim=optim(), plan=plan_of(8), precision="fp32")
 
 
 def test_without_zero_the_engine_clips(tmp_path):
@@ -117,9 +110,7 @@ def test_cpu_allocator_tuning_applies():
 
 def test_shipped_ds_configs_build():
     for path in sorted((REPO / "ds_configs").glob("*.json")):
-        ds = build_ds_config(
-            path, train=TrainConfig(micro_batch_seqs=2), optim=optim(), global_batch=8, world_size=2, precision="bf16"
-        )
+        ds = build_ds_config(path, optim=optim(), plan=plan_of(8, world=2, micro=2), precision="bf16")
         assert ds["bf16"]["enabled"] and ds["gradient_accumulation_steps"] == 2, path.name
 
 
@@ -135,3 +126,31 @@ def test_weight_decay_groups():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     with_embed = param_groups(m, optim(decay_embeddings=True))
     assert len(with_embed[0]["params"]) == 10
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_non_finite_step_is_not_applied(world, ds_json, stage):
+    """A step whose loss or gradients are not finite leaves the weights and the optimizer state as they were;
+    the next finite step updates them."""
+    import torch
+
+    from ..helpers import random_batches, tiny_engine
+
+    engine = tiny_engine(ds_json(stage))
+    inner = engine.optimizer if stage == 0 else engine.optimizer.optimizer
+
+    def snapshot():
+        state = [v.clone() for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+        return [p.detach().clone() for p in engine.module.parameters()], state
+
+    assert engine.train_step(random_batches(0), 1e-3).applied
+    before = snapshot()
+    hook = engine.module.output.register_forward_hook(lambda m, i, o: o * float("nan"))
+    stats = engine.train_step(random_batches(10), 1e-3)
+    hook.remove()
+    after = snapshot()
+    assert not stats.applied, stats
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), "weights changed"
+    assert len(before[1]) == len(after[1]) > 0 and all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+    assert engine.train_step(random_batches(20), 1e-3).applied
+    assert not all(torch.equal(a, p) for a, p in zip(before[0], engine.module.parameters()))

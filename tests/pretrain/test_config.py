@@ -2,7 +2,7 @@ import pytest
 
 from pretrain.config import ConfigError, DatasetSpec, load_config
 
-from .conftest import REPO
+from ..helpers import REPO
 
 BASE = ["data.tokenizer=t.model", "data.datasets=[d]", "train.global_batch_seqs=8"]
 

@@ -6,7 +6,7 @@ import zstandard
 
 from data_prep.readers import CorpusReader, InputError, expand_inputs
 
-from .conftest import write_jsonl
+from ..helpers import write_jsonl
 
 
 def read(paths, **kw):

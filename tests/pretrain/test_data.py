@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from pretrain.config import DatasetSpec
-from pretrain.data import BatchPlan, BlendedDataset, DataError, PackedDataset, TokenStream, blend, build_dataset
+from pretrain.config import BatchPlan, ConfigError, DatasetSpec, TrainConfig
+from pretrain.data import BlendedDataset, DataError, PackedDataset, TokenStream, blend, build_dataset
 from pretrain.shards import ShardWriter
 
 
@@ -51,25 +51,25 @@ def test_rank_slices_are_disjoint_and_complete(world_size):
     G, micro = 12, 2
     seen = []
     for rank in range(world_size):
-        plan = BatchPlan(G, micro, rank, world_size)
+        plan = BatchPlan(G, micro, world_size, seq_len=8)
         assert plan.grad_accum == G // (world_size * micro)
         for step in range(5):
-            start, stop = plan.rank_range(step)
+            start, stop = plan.rank_range(step, rank)
             seen += list(range(start, stop))
     assert sorted(seen) == list(range(5 * G))
 
 
 def test_batch_arithmetic_that_does_not_divide():
-    with pytest.raises(DataError, match="12 sequences do not split into 5 rank"):
-        BatchPlan(12, 2, 0, 5)
-    with pytest.raises(DataError, match="micro-batches of 5"):
-        BatchPlan(12, 5, 0, 2)
+    with pytest.raises(ConfigError, match="12 sequences does not split into 5 rank"):
+        BatchPlan.resolve(TrainConfig(global_batch_seqs=12, micro_batch_seqs=2), seq_len=8, world_size=5)
+    with pytest.raises(ConfigError, match="micro-batches of 5"):
+        BatchPlan.resolve(TrainConfig(global_batch_seqs=12, micro_batch_seqs=5), seq_len=8, world_size=2)
 
 
 def test_batches_per_rank_concatenate_to_the_global_batch(stream):
     data = BlendedDataset([PackedDataset(stream, 4, seed=3, index=0)], [1.0])
-    whole = np.concatenate(data.batch(2, BatchPlan(6, 6, 0, 1)))
-    parts = [np.concatenate(data.batch(2, BatchPlan(6, 1, r, 3))) for r in range(3)]
+    whole = np.concatenate(data.batch(2, BatchPlan(6, 6, 1, seq_len=4), rank=0))
+    parts = [np.concatenate(data.batch(2, BatchPlan(6, 1, 3, seq_len=4), rank=r)) for r in range(3)]
     assert np.array_equal(np.concatenate(parts), whole) and whole.shape == (6, 5)
 
 

@@ -1,0 +1,85 @@
+"""The process group: joining it (the one bootstrap every entry point and benchmark uses) and the few collectives
+the training loop and the checkpoint manager need.
+
+    world = init_distributed()        # under deepspeed / torchrun, or a group of one under plain `python`
+    world.rank, world.size, world.local_rank
+    world.broadcast(obj)              # rank 0's object on every rank
+
+A `World` of size 1 answers every collective locally, so the loop and the checkpoint manager run in a test process
+without a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (any picklable object)."""
+        if self.size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def max(self, value: int) -> int:
+        """The largest of every rank's integer."""
+        if self.size == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        flag = torch.tensor([value], dtype=torch.int64, device=get_accelerator().current_device_name())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def init_distributed() -> World:
+    """Join the process group the launcher describes (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment), or
+    make a group of one for a process started directly. DeepSpeed picks the backend for the accelerator (nccl on
+    CUDA, gloo on CPU); each rank then uses the accelerator of its local rank."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python`: a process group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world = World(rank=int(os.environ["RANK"]), size=int(os.environ.get("WORLD_SIZE", "1")),
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
+    get_accelerator().set_device(world.local_rank)  # before any collective: one device per rank
+    deepspeed.init_distributed(verbose=False)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=world.local_rank)

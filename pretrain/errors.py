@@ -1,0 +1,65 @@
+"""How a run ends: the exception kinds the library raises, each with the exit status `launch/pretrain.py` returns.
+
+The one table of exit statuses; launchers, Slurm scripts and tests ask it:
+  0  done
+  1  anything else (a bug, a crash, a launcher that went away before a save could finish)
+  2  bad configuration, data or checkpoint (the message names the key or file)
+  3  stopped early after saving a checkpoint (stop signal, train.max_wall_time, train.stop_at_step, a launcher
+     that went away): run the same command again to resume
+  4  too many consecutive non-finite steps (the last good checkpoint is left as it was)
+  5  the run directory belongs to another job that is still alive (the message names it)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+EXIT_NON_FINITE = 4
+EXIT_BUSY = 5
+
+
+class RunError(Exception):
+    """An expected way for a run to end early; `exit_code` is what the entry point returns for it."""
+
+    exit_code = EXIT_FAILED
+
+
+class BadInput(RunError):
+    """A configuration key, dataset or checkpoint this run cannot use; the message names it."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class Stopped(RunError):
+    """The run stopped early after saving a checkpoint."""
+
+    exit_code = EXIT_STOPPED
+
+
+class NonFinite(RunError):
+    """The run stopped because the loss or gradients stayed non-finite."""
+
+    exit_code = EXIT_NON_FINITE
+
+
+class RunDirBusy(RunError):
+    """Another job, still alive, holds the run directory."""
+
+    exit_code = EXIT_BUSY
+
+
+class LauncherGone(RunError):
+    """The launcher that started this rank is gone and there was no time left to save."""
+
+    exit_code = EXIT_FAILED
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit status for an exception that ended a run."""
+    if isinstance(error, RunError):
+        return error.exit_code
+    if isinstance(error, FileNotFoundError):  # a path in the configuration
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED

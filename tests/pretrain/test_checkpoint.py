@@ -1,0 +1,182 @@
+"""Checkpoints in this process: the record / validation / pruning mechanics, and the CheckpointManager's policy
+(find, check, load, save) with a real engine on a process group of one."""
+
+import dataclasses
+import json
+import logging
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from pretrain.checkpoint import CheckpointError, CheckpointManager, CheckpointMeta
+from pretrain.config import CheckpointConfig, ModelConfig, to_dict
+
+from ..helpers import random_batches, tiny_engine
+
+
+# ----------------------------------------------------------------------------------------------- mechanics
+def fake_checkpoint(ckpt_dir, step, *, complete=True, size=10):
+    d = ckpt_dir / checkpoint.tag_of(step)
+    d.mkdir(parents=True)
+    (d / "data.pt").write_bytes(b"x" * size)
+    if complete:
+        files = {"data.pt": {"bytes": size, "crc32": checkpoint.crc32_file(d / "data.pt")}}
+        (d / checkpoint.RECORD).write_text(json.dumps({"files": files}))
+    return d
+
+
+def test_validation_names_the_problem(tmp_path):
+    d = fake_checkpoint(tmp_path, 5)
+    assert checkpoint.validate(tmp_path, "step_00000005") is None
+    (d / "data.pt").write_bytes(b"x" * 9)
+    assert "9 bytes, recorded 10" in checkpoint.validate(tmp_path, "step_00000005")
+    (d / "data.pt").write_bytes(b"y" * 10)
+    assert "CRC-32 differs" in checkpoint.validate(tmp_path, "step_00000005")
+    assert checkpoint.validate(tmp_path, "step_00000005", checksums=False) is None
+    (d / "data.pt").unlink()
+    assert "data.pt: missing" in checkpoint.validate(tmp_path, "step_00000005")
+    fake_checkpoint(tmp_path, 7, complete=False)
+    assert "no complete.json" in checkpoint.validate(tmp_path, "step_00000007")
+
+
+def test_newest_valid_skips_broken_ones(tmp_path, caplog):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4)
+    fake_checkpoint(tmp_path, 6, complete=False)
+    (fake_checkpoint(tmp_path, 8) / "data.pt").write_bytes(b"x")
+    assert checkpoint.newest_valid(tmp_path) == "step_00000004"
+    assert "skipping checkpoint step_00000008" in caplog.text and "skipping checkpoint step_00000006" in caplog.text
+
+
+def test_prune_keeps_last_k_every_m_and_never_the_only_valid_one(tmp_path):
+    for s in range(1, 11):
+        fake_checkpoint(tmp_path, s, complete=s != 7)
+    fake_checkpoint(tmp_path, 12, complete=False)  # newer than the protected one: being written, keep
+    checkpoint.prune(tmp_path, keep_last=2, keep_every=4, protect="step_00000010")
+    left = sorted(c.step for c in checkpoint.list_checkpoints(tmp_path))
+    assert left == [4, 8, 9, 10, 12]  # 9, 10 (last two), 4 and 8 (every 4th); the incomplete 7 is gone
+    only = tmp_path / "only"
+    fake_checkpoint(only, 3)
+    checkpoint.prune(only, keep_last=1, keep_every=0, protect="step_00000003")
+    assert [c.step for c in checkpoint.list_checkpoints(only)] == [3]
+
+
+# ----------------------------------------------------------------------------------------------- manager
+MODEL = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, seq_len=16)
+FINGERPRINT = {"datasets": [{"path": "data", "weight": 1.0, "content": "abc"}], "seq_len": 16, "seed": 0}
+
+
+def run_meta(*, model=MODEL, global_batch=4, world_size=1, zero_stage=1, fingerprint=FINGERPRINT) -> CheckpointMeta:
+    config = {"model": to_dict(model), "train": {"seed": 0}}
+    return CheckpointMeta(0, 0, 0, global_batch, world_size, zero_stage, config, fingerprint)
+
+
+def manager(tmp_path, world, engine=None, run=None, **cfg) -> CheckpointManager:
+    return CheckpointManager(
+        tmp_path / "checkpoints", CheckpointConfig(**cfg), engine=engine, world=world, run=run or run_meta()
+    )
+
+
+def weights(engine) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def test_manager_saves_finds_and_loads_exactly(tmp_path, world, ds_json):
+    a = tiny_engine(ds_json(1), seed=0, **to_dict(MODEL))
+    for i in range(2):
+        a.train_step(random_batches(i), 1e-3)
+    tag, removed = manager(tmp_path, world, a).save(2)
+    assert tag == "step_00000002" and removed == []
+    assert checkpoint.validate(tmp_path / "checkpoints", tag) is None
+    meta = checkpoint.read_meta(tmp_path / "checkpoints", tag)
+    assert (meta.step, meta.consumed_samples, meta.tokens_seen) == (2, 8, 8 * 16)
+
+    b = tiny_engine(ds_json(1), seed=1, **to_dict(MODEL))  # other weights until loaded
+    m = manager(tmp_path, world, b)
+    point = m.find()
+    assert point.tag == tag and point.universal is False and point.meta == meta
+    assert m.load(point) == 2
+    assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
+    la = a.train_step(random_batches(5), 1e-3).loss  # the optimizer state came back too
+    lb = b.train_step(random_batches(5), 1e-3).loss
+    assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
+
+
+def test_manager_retention_and_latest(tmp_path, world, ds_json):
+    engine = tiny_engine(ds_json(0), **to_dict(MODEL))
+    m = manager(tmp_path, world, engine, keep_last=2)
+    assert m.latest() is None
+    removed = [m.save(step)[1] for step in (1, 2, 3)]
+    assert removed == [[], [], ["step_00000001"]]
+    assert [c.tag for c in checkpoint.list_checkpoints(m.dir)] == ["step_00000003", "step_00000002"]
+    assert m.latest() == m.dir / "step_00000003"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            dict(model=dataclasses.replace(MODEL, d_model=64)),
+            "the model differs from the checkpoint's: model.d_model: 32 -> 64",
+        ),
+        (dict(global_batch=8), "trained with a global batch of 4 sequences, this run has 8"),
+        (dict(fingerprint={**FINGERPRINT, "seed": 1}), "the training data differs from the checkpoint's"),
+        (dict(zero_stage=3), "saved with ZeRO-1, this run uses ZeRO-3; moving between ZeRO-3"),
+        (dict(zero_stage=0), "saved with ZeRO-1, this run uses ZeRO-0; moving between no ZeRO and ZeRO"),
+    ],
+)
+def test_check_names_what_differs(tmp_path, world, change, message):
+    saved = run_meta().at(10)
+    with pytest.raises(CheckpointError, match=message):
+        manager(tmp_path, world, run=run_meta(**change)).check(tmp_path / "step_00000010", saved)
+
+
+def test_check_allows_what_may_change(tmp_path, world):
+    saved = run_meta().at(10)
+    m = manager(tmp_path, world, run=run_meta(fingerprint={}), allow_data_change=True)
+    m.check(tmp_path, saved)  # new data, deliberately
+    m = manager(tmp_path, world, run=run_meta(model=dataclasses.replace(MODEL, activation_checkpointing=True)))
+    m.check(tmp_path, saved)
+    manager(tmp_path, world, run=run_meta(zero_stage=2)).check(tmp_path, saved)  # ZeRO-1 -> 2
+    manager(tmp_path, world, run=run_meta(world_size=3)).check(tmp_path, saved)  # any number of ranks
+
+
+def test_find_decides_on_the_universal_format(tmp_path, world, ds_json):
+    engine = tiny_engine(ds_json(1), **to_dict(MODEL))
+    manager(tmp_path, world, engine).save(3)
+    assert manager(tmp_path, world).find().universal is False
+    assert manager(tmp_path, world, run=run_meta(zero_stage=2)).find().universal is True  # another stage
+    wider = dataclasses.replace(run_meta(), world_size=2)  # as if this run had 2 ranks
+    assert manager(tmp_path, world, run=wider).find().universal is True
+
+
+def test_find_follows_checkpoint_resume(tmp_path, world, ds_json, caplog):
+    engine = tiny_engine(ds_json(0), **to_dict(MODEL))
+    m = manager(tmp_path, world, engine)
+    for step in (1, 2):
+        m.save(step)
+    assert manager(tmp_path, world, resume="step_00000001").find().tag == "step_00000001"
+    assert manager(tmp_path, world, resume=str(m.dir / "step_00000001")).find().tag == "step_00000001"
+    assert manager(tmp_path, world, resume=str(m.dir)).find().tag == "step_00000002"
+    with pytest.raises(CheckpointError, match="checkpoint.resume: none, but .* holds checkpoints of an earlier run"):
+        manager(tmp_path, world, resume="none").find()
+    assert manager(tmp_path / "elsewhere", world, resume="none").find() is None
+    with pytest.raises(CheckpointError, match="checkpoint.resume: .*step_00000007.* no complete.json"):
+        manager(tmp_path, world, resume="step_00000007").find()
+    (m.dir / "step_00000002" / checkpoint.META).write_text("{}")  # damaged after its record: skipped
+    with caplog.at_level(logging.WARNING):
+        assert manager(tmp_path, world).find().tag == "step_00000001"
+    assert "skipping checkpoint step_00000002" in caplog.text
+
+
+def test_load_of_files_gone_meanwhile_names_the_checkpoint(tmp_path, world, ds_json):
+    """A checkpoint removed between finding and loading it (another job's retention) is an error naming it."""
+    engine = tiny_engine(ds_json(1), **to_dict(MODEL))
+    m = manager(tmp_path, world, engine)
+    m.save(1)
+    point = m.find()
+    for f in point.path.glob("*optim_states.pt"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match="step_00000001: DeepSpeed could not load it"):
+        m.load(point)

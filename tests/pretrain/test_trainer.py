@@ -1,0 +1,166 @@
+"""The training loop in this process, with small fakes for the engine, the data and the checkpoint manager:
+when it steps, logs, evaluates, saves and stops."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import BatchPlan, OptimConfig, TrainConfig
+from pretrain.distributed import World
+from pretrain.engine import StepStats, lr_at
+from pretrain.errors import LauncherGone, NonFinite, Stopped
+from pretrain.job import StopRequest
+from pretrain.metrics import Metrics
+from pretrain.trainer import Trainer
+
+
+@dataclass
+class FakeEngine:
+    """Loss 10 - step; the steps listed in `bad` are non-finite (skipped)."""
+
+    bad: set = field(default_factory=set)
+    calls: list = field(default_factory=list)  # (batch, lr) of every train_step
+    evals: int = 0
+
+    def train_step(self, batch, lr):
+        step = batch[0]
+        self.calls.append((batch, lr))
+        if step in self.bad:
+            return StepStats(loss=torch.tensor(float("nan")), grad_norm=float("inf"), applied=False)
+        return StepStats(loss=torch.tensor(10.0 - step), grad_norm=1.0, applied=True)
+
+    def eval_step(self, batch):
+        self.evals += 1
+        return torch.tensor(2.0)
+
+    def mean_across_ranks(self, value):
+        return value.detach().float()
+
+
+class FakeData:
+    def batch(self, step, plan, rank):
+        return [step, rank]  # what the engine is handed: which step's micro-batches
+
+
+@dataclass
+class FakeCheckpoints:
+    dir: Path = Path("ckpt")
+    saved: list = field(default_factory=list)
+
+    def save(self, step):
+        self.saved.append(step)
+        return f"step_{step:08d}", []
+
+    def latest(self):
+        return self.dir / f"step_{self.saved[-1]:08d}" if self.saved else None
+
+
+def make(tmp_path, *, steps=10, start=0, save_every=4, log_every=2, eval_every=5, bad=(), **train):
+    train = TrainConfig(max_steps=steps, eval_every=eval_every, global_batch_seqs=4, **train)
+    trainer = Trainer(
+        engine=FakeEngine(bad=set(bad)),
+        data=FakeData(),
+        plan=BatchPlan(global_batch=4, micro_batch=2, world_size=1, seq_len=8),
+        world=World(),
+        checkpoints=FakeCheckpoints(),
+        metrics=Metrics(tmp_path, rank=0, tensorboard=False, start_step=start),
+        stop=StopRequest([], grace=60),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2),
+        train=train,
+        save_every=save_every,
+        log_every=log_every,
+        flops_per_token=1000,
+        peak_flops=1e9,
+        start_step=start,
+        val_data=FakeData() if eval_every else None,
+        eval_batches=3,
+    )
+    trainer.resources.callback(trainer.metrics.close)
+    return trainer
+
+
+def logged(tmp_path) -> dict[int, dict]:
+    """metrics.jsonl, the lines of each step merged."""
+    out = {}
+    for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()):
+        out.setdefault(m["step"], {}).update(m)
+    return out
+
+
+def test_fit_steps_logs_evaluates_and_saves_on_schedule(tmp_path):
+    with make(tmp_path) as t:
+        last = t.fit()
+    assert [b[0] for b, _ in t.engine.calls] == list(range(10))  # each step's own batch, in order
+    assert [lr for _, lr in t.engine.calls] == [lr_at(s, t.optim, 10) for s in range(10)]
+    assert t.checkpoints.saved == [4, 8, 10]  # every save_every, and the last step
+    m = logged(tmp_path)
+    assert sorted(s for s in m if "train/loss" in m[s]) == [2, 4, 6, 8, 10]
+    assert sorted(s for s in m if "eval/loss" in m[s]) == [5, 10] and t.engine.evals == 2 * 3
+    assert m[4]["train/loss"] == 7.0 and m[10]["train/tokens_seen"] == 10 * 4 * 8
+    assert last["train/loss"] == 1.0 and last["eval/loss"] == 2.0
+
+
+def test_fit_continues_from_the_resumed_step(tmp_path):
+    with make(tmp_path, start=6) as t:
+        t.fit()
+    assert [b[0] for b, _ in t.engine.calls] == [6, 7, 8, 9] and t.checkpoints.saved == [8, 10]
+
+
+def test_max_tokens_ends_the_run_early(tmp_path):
+    with make(tmp_path, max_tokens=5 * 4 * 8) as t:
+        t.fit()
+    assert t.total_steps == 5 and len(t.engine.calls) == 5 and t.checkpoints.saved == [4, 5]
+
+
+def test_stop_at_step_saves_then_stops(tmp_path):
+    with make(tmp_path, stop_at_step=3) as t, pytest.raises(Stopped, match="train.stop_at_step 3"):
+        t.fit()
+    assert len(t.engine.calls) == 3 and t.checkpoints.saved == [3]
+
+
+def test_a_stop_signal_saves_the_current_step_and_stops(tmp_path):
+    t = make(tmp_path)
+    t.stop.signal_name = "SIGTERM"  # as the handler sets it
+    with t, pytest.raises(Stopped, match="SIGTERM received"):
+        t.fit()
+    assert t.checkpoints.saved == [1]
+
+
+def test_launcher_gone_saves_when_there_is_time_else_exits_at_once(tmp_path):
+    t = make(tmp_path / "a")
+    t.stop.launcher = "torchrun, pid 1"
+    with t, pytest.raises(Stopped, match=r"the launcher \(torchrun, pid 1\) is gone"):
+        t.fit()
+    assert t.checkpoints.saved == [1]
+    t = make(tmp_path / "b", orphan_grace_seconds=5)
+    t.start_step, t.save_seconds = 0, 30.0  # the last save took longer than the grace allows
+    t.stop.launcher = "torchrun, pid 1"
+    with t, pytest.raises(LauncherGone, match="exiting at step 1"):
+        t.fit()
+    assert t.checkpoints.saved == []
+
+
+def test_non_finite_steps_are_counted_and_stop_the_run(tmp_path):
+    with make(tmp_path, bad={4, 5, 6}, max_bad_steps=3) as t, pytest.raises(NonFinite) as e:
+        t.fit()
+    assert "3 consecutive steps with non-finite loss or gradients (train.max_bad_steps), the last at step 7" in str(e)
+    assert "the last good checkpoint is ckpt/step_00000004" in str(e.value)
+    assert t.checkpoints.saved == [4]  # none during the bad steps
+
+
+def test_a_good_step_resets_the_count_and_periodic_saves_wait(tmp_path):
+    with make(tmp_path, bad={3, 6}, max_bad_steps=2, save_every=4) as t:
+        t.fit()
+    assert t.bad_steps == 0 and len(t.engine.calls) == 10
+    assert t.checkpoints.saved == [8, 10]  # step 4 was skipped: no periodic save; step 7 was, but 8 was not
+
+
+def test_max_wall_time_leaves_room_for_a_step_and_a_save(tmp_path):
+    with make(tmp_path, max_wall_time=100.0) as t:
+        t.save_seconds = 100.0  # the time left is less than a save
+        with pytest.raises(Stopped, match="train.max_wall_time of 100 s is near"):
+            t.fit()
+    assert t.checkpoints.saved == [1]
