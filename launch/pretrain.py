@@ -5,10 +5,12 @@
     python launch/pretrain.py --config launch/configs/demo.yaml          # one process
 
 Arguments after the config are dotted overrides (`section.key=value`, values parsed as YAML).
-Exit status: 0 done; 3 stopped early by a stop signal (SIGTERM, SIGUSR1) or train.max_wall_time, after saving a
-checkpoint: run the same command again to resume; 2 bad configuration, data or checkpoint (the message names the
-key or file); 4 stopped after train.max_bad_steps consecutive steps with non-finite loss or gradients (each
-skipped; the last good checkpoint is untouched); 1 anything else.
+Exit status: 0 done; 3 stopped early by a stop signal (SIGTERM, SIGUSR1), train.max_wall_time, train.stop_at_step
+or a launcher that went away, after saving a checkpoint: run the same command again to resume; 2 bad
+configuration, data or checkpoint (the message names the key or file); 4 stopped after train.max_bad_steps
+consecutive steps with non-finite loss or gradients (each skipped; the last good checkpoint is untouched); 5 the
+run directory is held by another job that is still running (the message names it); 1 anything else.
+(The table is pretrain/errors.py.)
 """
 
 from __future__ import annotations
@@ -23,11 +25,8 @@ from pathlib import Path
 # The repo root first: `import pretrain` must find the package, not this script (and works without installing).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.config import ConfigError, load_config  # noqa: E402
-from pretrain.data import DataError  # noqa: E402
-
-EXIT_CONFIG = 2
-EXIT_STOPPED = 3
+from pretrain.config import load_config  # noqa: E402
+from pretrain.errors import EXIT_OK, RunError, Stopped, exit_code  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,10 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def setup_logging() -> None:
-    rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(
-        level=logging.INFO if rank0 else logging.WARNING,
+        level=logging.INFO if is_rank0() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -52,39 +54,35 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
-def fail(e: Exception) -> int:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {e}", file=sys.stderr)
-    return EXIT_CONFIG
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        return fail(e)
-    # torch and DeepSpeed are imported only once the config is known to be good
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.trainer import EXIT_NON_FINITE, NonFinite, Stopped, Trainer
+        # torch and DeepSpeed are imported only once the config is known to be good
+        from pretrain.build import build_trainer
 
-    try:
-        trainer = Trainer(cfg)
-        trainer.fit()
-    except Stopped:
-        return EXIT_STOPPED
-    except NonFinite as e:
-        if os.environ.get("RANK", "0") == "0":
+        with build_trainer(cfg) as trainer:
+            trainer.fit()
+            if args.sample_prompt:
+                sample(trainer, cfg, args.sample_prompt)
+    except Stopped as e:
+        return e.exit_code  # the loop has said why
+    except (RunError, FileNotFoundError) as e:
+        if is_rank0():
             print(f"error: {e}", file=sys.stderr)
-        return EXIT_NON_FINITE
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        return fail(e)
-    if args.sample_prompt:
-        text = trainer.sample(args.sample_prompt)
-        if trainer.rank == 0:
-            print(f"\n--- greedy continuation of {args.sample_prompt!r}:\n{args.sample_prompt}{text}\n", flush=True)
-    return 0
+        return exit_code(e)
+    return EXIT_OK
+
+
+def sample(trainer, cfg, prompt: str) -> None:
+    """Print a greedy continuation of `prompt` from the trained model (every rank takes part under ZeRO-3)."""
+    from pretrain.generate import continue_text
+    from pretrain.tokenizer import Tokenizer
+
+    text = continue_text(trainer.engine.logits, Tokenizer(cfg.data.tokenizer), prompt, max_len=cfg.model.seq_len)
+    if trainer.world.is_main:
+        print(f"\n--- greedy continuation of {prompt!r}:\n{prompt}{text}\n", flush=True)
 
 
 if __name__ == "__main__":

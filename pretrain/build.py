@@ -1,0 +1,154 @@
+"""Wiring a run: every part of the training loop built once, in order, from a RunConfig.
+
+    with build_trainer(cfg) as trainer:
+        trainer.fit()
+
+The order matters and is the whole policy of starting a run: join the process group; take the run directory (one
+job at a time) before anything writes there; install the stop signals and watch the launcher; open the tokenizer
+and the data; settle the DeepSpeed config; find the checkpoint to resume and check it against the run; build the
+model and the engine (through DeepSpeed's universal format when the checkpoint needs it); load; open the metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from pretrain.checkpoint import CheckpointManager, CheckpointMeta
+from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_dict, to_yaml
+from pretrain.data import BlendedDataset, build_dataset, fingerprint
+from pretrain.distributed import World, init_distributed
+from pretrain.engine import Engine, peak_flops_per_device, tune_cpu_allocator
+from pretrain.fileutil import write_bytes_atomic, write_json_atomic
+from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
+from pretrain.metrics import Metrics
+from pretrain.tokenizer import Tokenizer
+from pretrain.trainer import Trainer
+
+log = logging.getLogger("pretrain")
+
+
+def open_tokenizer(path: str) -> Tokenizer:
+    try:
+        return Tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+
+
+def resolve(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
+    """The run config with what the tokenizer decides filled in (a copy: the caller's config is not changed)."""
+    m = cfg.model
+    if m.vocab_size is None:
+        m = dataclasses.replace(m, vocab_size=tokenizer.vocab_size)
+    elif m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    return dataclasses.replace(cfg, model=m)
+
+
+def validation_data(
+    data: DataConfig, plan: BatchPlan, *, tokenizer: dict, wanted: int
+) -> tuple[BlendedDataset | None, int]:
+    """The validation set (data.val_datasets, else the val split of data.datasets) and how many global batches
+    of it one evaluation reads (at most `wanted`, as many as it holds)."""
+    specs, key = (data.val_datasets, "data.val_datasets") if data.val_datasets else (data.datasets, "data.datasets")
+    val = build_dataset(specs, "val", seq_len=plan.seq_len, seed=data.seed + 1, tokenizer=tokenizer, key=key)
+    batches = min(wanted, val.num_samples // plan.global_batch)
+    if batches < wanted:
+        log.warning(
+            "the validation set holds %d samples: evaluating %d batch(es), not %d", val.num_samples, batches, wanted
+        )
+    return (val, batches) if batches else (None, 0)
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    """Build every part of a run from its config and hand them to a Trainer (closing what was opened if a part
+    fails). Every rank calls this together."""
+    launcher = detect_launcher()
+    world = init_distributed()
+    stack = contextlib.ExitStack()
+    try:
+        return _build(cfg, world, launcher, stack)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack) -> Trainer:
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if get_accelerator().device_name() == "cpu":
+        tune_cpu_allocator()
+    run_dir = Path(t.run_dir)
+    stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
+    stop = StopRequest(t.stop_signals, t.stop_grace_seconds)
+    if launcher is not None:
+        watch = LauncherWatch(launcher, lambda gone: stop.launcher_gone(gone.describe(), t.orphan_grace_seconds))
+        stack.callback(watch.close)
+
+    tokenizer = open_tokenizer(cfg.data.tokenizer)
+    cfg = resolve(cfg, tokenizer)
+    tok = tokenizer.describe()
+    plan = BatchPlan.resolve(t, seq_len=cfg.model.seq_len, world_size=world.size)
+    train_data = build_dataset(
+        cfg.data.datasets, "train", seq_len=plan.seq_len, seed=cfg.data.seed, tokenizer=tok, key="data.datasets"
+    )
+    val_data, eval_batches = None, 0
+    if t.eval_every:
+        val_data, eval_batches = validation_data(cfg.data, plan, tokenizer=tok, wanted=t.eval_batches)
+
+    engine = Engine(cfg.optim, t, plan)
+    run = CheckpointMeta(
+        step=0,
+        consumed_samples=0,
+        tokens_seen=0,
+        global_batch=plan.global_batch,
+        world_size=world.size,
+        zero_stage=engine.zero_stage,
+        config=to_dict(cfg),
+        data_fingerprint=fingerprint(cfg.data.datasets, seq_len=plan.seq_len, seed=cfg.data.seed),
+    )
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, engine=engine, world=world, run=run)
+    point = checkpoints.find()
+    model = engine.build(cfg.model, seed=t.seed, load_universal=point is not None and point.universal)
+    start_step = checkpoints.load(point) if point is not None else 0
+
+    metrics = Metrics(run_dir, rank=world.rank, tensorboard=cfg.logging.tensorboard, start_step=start_step)
+    stack.callback(metrics.close)
+    if world.is_main:
+        write_bytes_atomic(run_dir / "config.yaml", to_yaml(cfg).encode())
+        write_json_atomic(run_dir / "ds_config.json", engine.ds_config)
+        metrics.text("config", "```\n" + to_yaml(cfg) + "```")
+    peak_flops, peak_source = peak_flops_per_device(t.peak_flops_per_device)
+    flops_per_token = model.flops_per_token(plan.seq_len)
+    metrics.console(
+        f"model {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token | "
+        f"{world.size} rank(s) on {get_accelerator().device_name()}, ZeRO {engine.zero_stage}, {engine.precision} | "
+        f"global batch {plan.global_batch} x {plan.seq_len} tokens, micro {plan.micro_batch}, accumulation "
+        f"{plan.grad_accum} | peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
+        + (f" | launched by {launcher.name}" if launcher else "")
+    )
+    return Trainer(
+        engine=engine,
+        data=train_data,
+        plan=plan,
+        world=world,
+        checkpoints=checkpoints,
+        metrics=metrics,
+        stop=stop,
+        optim=cfg.optim,
+        train=t,
+        save_every=cfg.checkpoint.save_every,
+        log_every=cfg.logging.log_every,
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops,
+        start_step=start_step,
+        val_data=val_data,
+        eval_batches=eval_batches,
+        resources=stack,
+    )
