@@ -14,16 +14,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import torch
-from deepspeed.accelerator import get_accelerator
 
 from pretrain.checkpoint import CheckpointManager, CheckpointMeta
 from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_dict, to_yaml
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
 from pretrain.distributed import World, init_distributed
-from pretrain.engine import Engine, peak_flops_per_device, tune_cpu_allocator
+from pretrain.engine import Engine, accelerator_name, peak_flops_per_device, tune_cpu_allocator
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
 from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
 from pretrain.metrics import Metrics
@@ -68,25 +68,29 @@ def validation_data(
 def build_trainer(cfg: RunConfig) -> Trainer:
     """Build every part of a run from its config and hand them to a Trainer (closing what was opened if a part
     fails). Every rank calls this together."""
+    started = time.monotonic()  # train.max_wall_time counts the start-up too
     launcher = detect_launcher()
     world = init_distributed()
     stack = contextlib.ExitStack()
     try:
-        return _build(cfg, world, launcher, stack)
+        return _build(cfg, world, launcher, stack, started)
     except BaseException:
         stack.close()
         raise
 
 
-def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack) -> Trainer:
+def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, started: float) -> Trainer:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    if get_accelerator().device_name() == "cpu":
+    if accelerator_name() == "cpu":
         tune_cpu_allocator()
     run_dir = Path(t.run_dir)
-    stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
+    lock = stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
     stop = StopRequest(t.stop_signals, t.stop_grace_seconds)
+    stack.callback(stop.restore)
+    if lock is not None:
+        stop.before_exit.append(lock.release)  # a deadline exit leaves the directory to the next job
     if launcher is not None:
         watch = LauncherWatch(launcher, lambda gone: stop.launcher_gone(gone.describe(), t.orphan_grace_seconds))
         stack.callback(watch.close)
@@ -128,7 +132,7 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack) 
     flops_per_token = model.flops_per_token(plan.seq_len)
     metrics.console(
         f"model {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOP/token | "
-        f"{world.size} rank(s) on {get_accelerator().device_name()}, ZeRO {engine.zero_stage}, {engine.precision} | "
+        f"{world.size} rank(s) on {accelerator_name()}, ZeRO {engine.zero_stage}, {engine.precision} | "
         f"global batch {plan.global_batch} x {plan.seq_len} tokens, micro {plan.micro_batch}, accumulation "
         f"{plan.grad_accum} | peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
         + (f" | launched by {launcher.name}" if launcher else "")
@@ -148,6 +152,7 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack) 
         flops_per_token=flops_per_token,
         peak_flops=peak_flops,
         start_step=start_step,
+        started=started,
         val_data=val_data,
         eval_batches=eval_batches,
         resources=stack,

@@ -179,18 +179,18 @@ def validate(ckpt_dir: Path, tag: str, *, checksums: bool = True) -> str | None:
     if not record_path.is_file():
         return f"{target}: no {RECORD} (the save did not finish)"
     try:
-        record = json.loads(record_path.read_text())
-        files = record["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return f"{record_path}: unreadable ({e})"
-    for name, want in files.items():
+        files = json.loads(record_path.read_text())["files"]
+        wanted = {str(name): (int(want["bytes"]), want.get("crc32")) for name, want in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{record_path}: unreadable ({type(e).__name__}: {e})"
+    for name, (nbytes, crc) in wanted.items():
         path = target / name
         if not path.is_file():
             return f"{path}: missing"
         size = path.stat().st_size
-        if size != want["bytes"]:
-            return f"{path}: {size} bytes, recorded {want['bytes']}"
-        if checksums and "crc32" in want and crc32_file(path) != want["crc32"]:
+        if size != nbytes:
+            return f"{path}: {size} bytes, recorded {nbytes}"
+        if checksums and crc is not None and crc32_file(path) != crc:
             return f"{path}: CRC-32 differs from the record"
     return None
 
@@ -259,13 +259,14 @@ def to_universal(ckpt_dir: Path, tag: str) -> Path:
     out = ckpt_dir / universal_tag(tag)
     if out.is_dir():
         return out
-    tmp = ckpt_dir / (universal_tag(tag) + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = ckpt_dir / f"{universal_tag(tag)}.tmp.{os.getpid()}"  # one per attempt: never two converters in one
     try:
         convert_to_universal(ckpt_dir / tag, tmp)
+        os.replace(tmp, out)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt_dir / tag}: conversion to the universal format failed:\n{e}") from None
-    os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -284,7 +285,8 @@ def prune(ckpt_dir: Path, *, keep_last: int, keep_every: int, protect: str) -> l
         if c.tag in keep or c.step > protect_step:
             continue
         shutil.rmtree(ckpt_dir / c.tag, ignore_errors=True)
-        shutil.rmtree(ckpt_dir / universal_tag(c.tag), ignore_errors=True)
+        for leftover in [ckpt_dir / universal_tag(c.tag), *ckpt_dir.glob(f"{universal_tag(c.tag)}.tmp*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
         removed.append(c.tag)
     return removed
 
@@ -332,12 +334,22 @@ class CheckpointManager:
                     "train.run_dir, or resume it (checkpoint.resume=auto)"
                 )
             return None
-        found = self.world.broadcast(self._locate() if self.world.is_main else None)
+        found = None
+        if self.world.is_main:  # rank 0 looks, reads and checks; every rank gets its answer or its error
+            try:
+                found = self._find()
+            except Exception as e:  # raised below on every rank
+                found = e
+        found = self.world.broadcast(found)
         if isinstance(found, Exception):
             raise found
-        if found is None:
+        return found
+
+    def _find(self) -> ResumePoint | None:
+        located = self._locate()
+        if located is None:
             return None
-        directory, tag = Path(found[0]), found[1]
+        directory, tag = located
         meta = read_meta(directory, tag)
         self.check(directory / tag, meta)
         universal = meta.zero_stage > 0 and (
@@ -345,29 +357,25 @@ class CheckpointManager:
         )
         return ResumePoint(directory, tag, meta, universal)
 
-    def _locate(self) -> tuple[str, str] | Exception | None:
-        """(checkpoints directory, tag) that checkpoint.resume names; None: start fresh. Errors are returned,
-        to be raised on every rank."""
+    def _locate(self) -> tuple[Path, str] | None:
+        """(checkpoints directory, tag) that checkpoint.resume names; None: start fresh."""
         resume, checksums = self.cfg.resume, self.cfg.checksums
-        try:
-            if resume == "auto":
-                tag = newest_valid(self.dir, checksums=checksums)
-                return (str(self.dir), tag) if tag else None
-            path = Path(resume)
-            if path.is_dir() and ((path / RECORD).exists() or (path / META).exists()):
-                src, tag = path.parent, path.name
-            elif path.is_dir():
-                src, tag = path, newest_valid(path, checksums=checksums)
-                if tag is None:
-                    raise CheckpointError(f"checkpoint.resume: {path} holds no valid checkpoint")
-            else:
-                src, tag = self.dir, resume
-            problem = validate(src, tag, checksums=checksums)
-            if problem:
-                raise CheckpointError(f"checkpoint.resume: {problem}")
-            return str(src), tag
-        except CheckpointError as e:
-            return e
+        if resume == "auto":
+            tag = newest_valid(self.dir, checksums=checksums)
+            return (self.dir, tag) if tag else None
+        path = Path(resume)
+        if path.is_dir() and ((path / RECORD).exists() or (path / META).exists()):
+            src, tag = path.parent, path.name
+        elif path.is_dir():
+            src, tag = path, newest_valid(path, checksums=checksums)
+            if tag is None:
+                raise CheckpointError(f"checkpoint.resume: {path} holds no valid checkpoint")
+        else:
+            src, tag = self.dir, resume
+        problem = validate(src, tag, checksums=checksums)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {problem}")
+        return src, tag
 
     def check(self, where: Path, meta: CheckpointMeta) -> None:
         """Refuse a checkpoint this run cannot continue, naming the difference."""
@@ -407,9 +415,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- load
     def load(self, point: ResumePoint) -> int:
-        """Load `point` into the engine (built with load_universal=point.universal); returns its step."""
+        """Load `point` into the engine (built with load_universal=point.universal); returns its step. A failure on
+        any rank is raised on every rank."""
         tag = point.tag
         if point.universal:
+            error = None
             if self.world.is_main:
                 log.info(
                     "converting %s (%d ranks, ZeRO-%d) to DeepSpeed's universal format",
@@ -417,17 +427,24 @@ class CheckpointManager:
                     point.meta.world_size,
                     point.meta.zero_stage,
                 )
-                to_universal(point.directory, point.tag)
-            self.world.barrier()
+                try:
+                    to_universal(point.directory, point.tag)
+                except Exception as e:  # raised below on every rank
+                    error = e
+            error = self.world.broadcast(error)
+            if error is not None:
+                raise error
             tag = universal_tag(point.tag)
+        error = None
         try:
-            loaded = self.engine.load(point.directory, tag)
-        except (AssertionError, OSError, RuntimeError, KeyError) as e:  # e.g. files removed while loading
-            raise CheckpointError(
-                f"{point.directory / tag}: DeepSpeed could not load it ({type(e).__name__}: {e})"
-            ) from e
-        if loaded is None:
-            raise CheckpointError(f"{point.directory / tag}: DeepSpeed could not load it")
+            if self.engine.load(point.directory, tag) is None:
+                error = CheckpointError(f"{point.directory / tag}: DeepSpeed could not load it")
+        except (AssertionError, FileNotFoundError, KeyError) as e:  # e.g. files removed while loading
+            error = CheckpointError(f"{point.directory / tag}: DeepSpeed could not load it ({type(e).__name__}: {e})")
+        except Exception as e:  # raised below, after the other ranks know
+            error = e
+        if self.world.max(int(error is not None)):
+            raise error or CheckpointError(f"{point.directory / tag}: another rank could not load it")
         rng = read_rng(point.directory, point.tag, self.world.rank)
         if rng is not None and point.meta.world_size == self.run.world_size:
             set_rng_state(rng)

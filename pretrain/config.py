@@ -170,7 +170,7 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.stop_at_step": POSITIVE,
     "train.max_bad_steps": POSITIVE,
     "train.orphan_grace_seconds": POSITIVE,
-    "train.lock_stale_seconds": POSITIVE,
+    "train.lock_stale_seconds": (lambda v: v >= 30, "at least 30 (NFS attribute caches, clocks of other hosts)"),
 }
 
 

@@ -27,6 +27,7 @@ import ctypes
 import json
 import logging
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -73,10 +74,15 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- ds config
+def accelerator_name() -> str:
+    """The accelerator DeepSpeed picked: "cuda", "cpu", ..."""
+    return get_accelerator().device_name()
+
+
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
-    return "bf16" if get_accelerator().device_name() == "cuda" else "fp32"
+    return "bf16" if accelerator_name() == "cuda" else "fp32"
 
 
 def read_ds_json(path: str | Path) -> dict:
@@ -101,7 +107,7 @@ def zero_stage(ds: dict) -> int:
 def build_ds_config(path: str | Path, *, optim: OptimConfig, plan: BatchPlan, precision: str) -> dict:
     """The DeepSpeed config: the JSON's engine settings plus the keys this run derives (see module docstring)."""
     ds = read_ds_json(path)
-    on_cpu = get_accelerator().device_name() == "cpu"
+    on_cpu = accelerator_name() == "cpu"
     stage = zero_stage(ds)
     derived = {
         "train_batch_size": plan.global_batch,
@@ -167,8 +173,7 @@ def peak_flops_per_device(configured: float | None) -> tuple[float, str]:
     """Peak FLOP/s of one device for MFU: configured, known from the GPU's name, or measured (CPU matmul)."""
     if configured:
         return configured, "configured"
-    acc = get_accelerator()
-    if acc.device_name() == "cuda":
+    if accelerator_name() == "cuda":
         name = torch.cuda.get_device_name()
         for key, value in KNOWN_PEAKS.items():
             if key in name:
@@ -360,9 +365,19 @@ def convert_to_universal(src: Path, out: Path) -> None:
         "--input_folder", str(src), "--output_folder", str(out), "--num_extract_workers", "1",
         "--num_merge_workers", "1",
     ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent())
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
+
+
+def die_with_parent():
+    """A preexec_fn that has the child killed (SIGKILL) when its parent dies (Linux), so that no converter outlives
+    its run; None elsewhere. libc is loaded here, in the parent: the child only makes the call."""
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str, stage: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 import psutil
 
 from pretrain.distributed import World
-from pretrain.errors import EXIT_BUSY, EXIT_FAILED, RunDirBusy
+from pretrain.errors import EXIT_BUSY, EXIT_FAILED, BadInput, RunDirBusy
 
 log = logging.getLogger("pretrain")
 
@@ -47,6 +48,14 @@ def _boot_id() -> str:
         return ""
 
 
+def _pid_namespace() -> int:
+    """The PID namespace (containers on one host share its name and boot, not their pids)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 @dataclass
 class Holder:
     """The job that holds a run directory, as recorded in its lock file."""
@@ -55,8 +64,10 @@ class Holder:
     pid: int
     started: str  # when the lock was taken (UTC, ISO 8601)
     pid_started: float  # the process's start time, so that a reused pid is not taken for the holder
-    boot_id: str  # the host's boot: a lock from before a restart of the same host is dead
+    boot_id: str  # the host's boot
+    pid_ns: int  # the PID namespace its pid belongs to
     slurm_job_id: str | None = None
+    slurm_restart: int = 0  # SLURM_RESTART_COUNT: a requeued job's earlier run is over
 
     @classmethod
     def me(cls) -> Holder:
@@ -69,7 +80,9 @@ class Holder:
             started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             pid_started=psutil.Process().create_time(),
             boot_id=_boot_id(),
+            pid_ns=_pid_namespace(),
             slurm_job_id=job,
+            slurm_restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
         )
 
     def describe(self) -> str:
@@ -92,6 +105,8 @@ class RunLock:
         ...            # RunDirBusy if a live job holds it
     """
 
+    LOST_AFTER = 3  # heartbeats in a row that find the lock gone or another's before it counts as lost
+
     def __init__(self, run_dir: Path, *, stale_after: float, on_lost=None):
         self.path = Path(run_dir) / LOCK
         self.stale_after = stale_after
@@ -111,31 +126,53 @@ class RunLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # a lost race with another job taking over a dead lock: look again
-            if self._link():
-                self.fd = os.open(self.path, os.O_RDONLY)
+            fd = self._create()
+            if fd is not None:
+                self.fd = fd
                 self._thread = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
                 self._thread.start()
                 return
             self._take_over_if_dead()
         raise RunDirBusy(f"{self.path.parent}: could not take {self.path} (other jobs are taking it at the same time)")
 
-    def _link(self) -> bool:
-        """Create the lock atomically: write our record under a unique name, then hard-link it to the lock's
-        name (fails if the lock exists). The link count tells whether it worked, even where (NFS) link's answer
-        can be lost."""
+    def _create(self) -> int | None:
+        """Create the lock atomically and return a descriptor of it (None: it exists). Our record is written under
+        a unique name, then hard-linked to the lock's name, which fails if the lock exists; the link count tells
+        whether it worked even where (NFS) link's answer can be lost. The descriptor is of that same file, never
+        reopened by name. Where hard links are not supported, an exclusive create does the same."""
+        record = json.dumps(asdict(self.me)).encode()
         tmp = self.path.with_name(f".{LOCK}.{self.me.host}.{self.me.pid}.{uuid.uuid4().hex[:8]}")
-        with open(tmp, "w") as f:
-            json.dump(asdict(self.me), f)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.link(tmp, self.path)
-        except FileExistsError:
-            pass
-        try:
-            return os.stat(tmp).st_nlink == 2
+            os.write(fd, record)
+            os.fsync(fd)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                os.close(fd)
+                fd = None
+                return self._create_exclusive(record)
+            if os.fstat(fd).st_nlink == 2:
+                fd, mine = None, fd
+                return mine
+            return None
         finally:
+            if fd is not None:
+                os.close(fd)
             os.unlink(tmp)
+
+    def _create_exclusive(self, record: bytes) -> int | None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None
+        os.write(fd, record)
+        os.fsync(fd)
+        return fd
 
     def _take_over_if_dead(self) -> None:
         """Raise RunDirBusy naming the holder if it is alive; else move its lock aside and remove it."""
@@ -171,25 +208,34 @@ class RunLock:
         log.warning("%s: took over the lock of a job that is gone (%s: %s)", self.path.parent, who, dead)
 
     def _dead(self, holder: Holder | None, mtime: float) -> str | None:
-        """Why the holder is dead, or None if it may be alive."""
-        if holder is not None and holder.host == self.me.host:
-            if holder.boot_id and self.me.boot_id and holder.boot_id != self.me.boot_id:
-                return "the host has restarted since"
-            if not _alive(holder.pid, holder.pid_started):
-                return "its process is gone"
-            return None
+        """Why the holder is dead, or None if it may be alive. Its pid is only looked at when it ran on this host,
+        in this boot and in this PID namespace; otherwise its heartbeat decides."""
+        me = self.me
+        if holder is not None and holder.slurm_job_id and holder.slurm_job_id == me.slurm_job_id:
+            if holder.slurm_restart < me.slurm_restart:
+                return f"it is the earlier run of this requeued Slurm job (restart {holder.slurm_restart})"
+        if holder is not None and (holder.host, holder.boot_id, holder.pid_ns) == (me.host, me.boot_id, me.pid_ns):
+            return None if _alive(holder.pid, holder.pid_started) else "its process is gone"
         age = time.time() - mtime
         return f"no heartbeat for {age:.0f} s" if age > self.stale_after else None
 
     def _heartbeat(self) -> None:
-        every = max(self.stale_after / 10, 0.5)
+        fd, every = self.fd, max(self.stale_after / 10, 0.5)
+        strikes = 0
         while not self._stop.wait(every):
             try:
-                os.utime(self.fd)
-                mine = os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
-            except OSError:
-                mine = False
-            if not mine:
+                os.utime(fd)
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            except OSError as e:  # a server failover, a soft-mount timeout: not a reason to give up the run
+                log.warning("%s: heartbeat failed (%s); trying again", self.path, e)
+                continue
+            if st is not None and st.st_ino == os.fstat(fd).st_ino:
+                strikes = 0
+                continue
+            strikes += 1  # gone (maybe for a moment, while another job looks at it) or another job's
+            if strikes >= self.LOST_AFTER:
                 self.on_lost(_read_holder(self.path))
                 return
 
@@ -199,18 +245,19 @@ class RunLock:
         os._exit(EXIT_BUSY)
 
     def release(self) -> None:
-        if self.fd is None:
+        """Remove the lock if it is still ours (callable from any thread, more than once)."""
+        fd, self.fd = self.fd, None
+        if fd is None:
             return
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         try:
-            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+            if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                 os.unlink(self.path)
         except OSError:
             pass
-        os.close(self.fd)
-        self.fd = None
+        os.close(fd)
 
 
 def _alive(pid: int, started: float) -> bool:
@@ -225,35 +272,54 @@ def _alive(pid: int, started: float) -> bool:
 # ----------------------------------------------------------------------------------------------- stop requests
 class StopRequest:
     """Why the run should stop early. The first stop signal asks the loop to save and exit (within `grace`
-    seconds, saved or not); a second one exits at once. The launcher watch asks through `launcher_gone`."""
+    seconds, saved or not); a second one exits at once (status 128 + the signal's number, as a shell reports a
+    process killed by it). The launcher watch asks through `launcher_gone`. Before any such exit, the callables in
+    `before_exit` run (the run directory lock is released there). `restore()` puts the earlier handlers back."""
 
     def __init__(self, names: list[str], grace: float):
         self.signal_name: str | None = None
         self.launcher: str | None = None  # set when the launcher is gone: which one
+        self.launcher_since: float | None = None  # time.monotonic() when it was seen gone
         self.grace = grace
-        for name in names:
-            signal.signal(getattr(signal, name), self._handle)
+        self.before_exit: list = []
+        self._armed = False
+        self._previous = {name: signal.signal(getattr(signal, name), self._handle) for name in names}
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is not None:
-            os._exit(128 + signum)
+            self.exit_now(128 + signum)
         self.signal_name = name
-        self._deadline(self.grace, 128 + signum)
+        self.arm_deadline(self.grace, 128 + signum)
         log.warning(
             "%s received: finishing the step, saving a checkpoint and exiting (within %.0f s)", name, self.grace
         )
 
     def launcher_gone(self, launcher: str, grace: float) -> None:
-        self.launcher = launcher
-        self._deadline(grace, EXIT_FAILED)
+        self.launcher, self.launcher_since = launcher, time.monotonic()
+        self.arm_deadline(grace, EXIT_FAILED)
         log.warning("the launcher (%s) is gone: saving if there is time and exiting (within %.0f s)", launcher, grace)
 
-    @staticmethod
-    def _deadline(seconds: float, status: int) -> None:
-        timer = threading.Timer(seconds, os._exit, args=(status,))
+    def arm_deadline(self, seconds: float, status: int) -> None:
+        """Exit with `status` after `seconds`, whatever the process is doing then (once; later calls do nothing)."""
+        if self._armed:
+            return
+        self._armed = True
+        timer = threading.Timer(seconds, self.exit_now, args=(status,))
         timer.daemon = True
         timer.start()
+
+    def exit_now(self, status: int) -> None:
+        for release in self.before_exit:
+            try:
+                release()
+            except Exception:  # exiting regardless
+                pass
+        os._exit(status)
+
+    def restore(self) -> None:
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -277,9 +343,9 @@ def detect_launcher() -> Launcher | None:
         parent = psutil.Process().parent()
         if parent is None:
             return None
-        cmd = " ".join(parent.cmdline())
         if "TORCHELASTIC_RUN_ID" in os.environ:
             return Launcher("torchrun", [(parent.pid, parent.create_time())])
+        cmd = " ".join(parent.cmdline())
         if "deepspeed.launcher.launch" in cmd:
             procs = [(parent.pid, parent.create_time())]
             runner = parent.parent()
@@ -290,8 +356,8 @@ def detect_launcher() -> Launcher | None:
             return Launcher("deepspeed", procs)
         if parent.name() == "slurmstepd":
             return Launcher("srun", [(parent.pid, parent.create_time())])
-    except psutil.Error:
-        pass
+    except psutil.Error as e:
+        log.warning("cannot tell which launcher started this process (%s): it is not watched", e)
     return None
 
 
@@ -318,19 +384,21 @@ class LauncherWatch:
 
 @contextlib.contextmanager
 def hold_run_dir(run_dir: Path, world: World, *, stale_after: float):
-    """Rank 0 holds the run directory's lock for the life of the block; every rank raises RunDirBusy if it
-    cannot be had."""
+    """Rank 0 holds the run directory's lock for the life of the block; every rank raises the same error if it
+    cannot be had (RunDirBusy: another job; BadInput: the directory cannot be written)."""
     lock = RunLock(run_dir, stale_after=stale_after) if world.is_main else None
-    error = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except RunDirBusy as e:
-            error = e
-    error = world.broadcast(error)
-    if error is not None:
-        raise error
     try:
+        error = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunDirBusy as e:
+                error = e
+            except OSError as e:
+                error = BadInput(f"train.run_dir: cannot hold a lock in {run_dir} ({e})")
+        error = world.broadcast(error)
+        if error is not None:
+            raise error
         yield lock
     finally:
         if lock is not None:

@@ -24,7 +24,7 @@ from pretrain.config import BatchPlan, OptimConfig, TrainConfig
 from pretrain.data import BlendedDataset
 from pretrain.distributed import World
 from pretrain.engine import Engine, lr_at
-from pretrain.errors import LauncherGone, NonFinite, Stopped
+from pretrain.errors import EXIT_FAILED, LauncherGone, NonFinite, Stopped
 from pretrain.job import StopRequest
 from pretrain.metrics import Metrics, memory_gib, throughput
 
@@ -58,13 +58,13 @@ class Trainer:
     flops_per_token: int
     peak_flops: float  # per device, for MFU
     start_step: int = 0  # the step resumed from
+    started: float = field(default_factory=time.monotonic)  # when the job started (train.max_wall_time counts from it)
     val_data: BlendedDataset | None = None
     eval_batches: int = 0
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # what close() releases
 
     def __post_init__(self):
         self.total_steps = self.plan.total_steps(self.train)
-        self.started = time.monotonic()
         self.bad_steps = 0  # consecutive steps whose update was skipped (non-finite)
         self.step_seconds = 0.0
         self.save_seconds: float | None = None  # the last save's duration
@@ -131,17 +131,20 @@ class Trainer:
 
     def stop_reason(self, step: int) -> Stop:
         """A stop signal, a time limit or a gone launcher on any rank: every rank gets the same answer."""
-        local, limit = Stop.NO, self.train.max_wall_time
+        local, limit, grace = Stop.NO, self.train.max_wall_time, self.train.orphan_grace_seconds
         if self.stop.launcher:
-            fits = self.save_estimate() <= self.train.orphan_grace_seconds
-            local = Stop.LAUNCHER_GONE if fits else Stop.LAUNCHER_GONE_NO_TIME
+            left = grace - (time.monotonic() - self.stop.launcher_since)
+            local = Stop.LAUNCHER_GONE if self.save_estimate() <= left else Stop.LAUNCHER_GONE_NO_TIME
         elif self.stop.signal_name:
             local = Stop.SIGNAL
         elif step == self.train.stop_at_step:
             local = Stop.AT_STEP
         elif limit is not None and time.monotonic() - self.started + self.save_estimate() > limit:
             local = Stop.WALL_TIME
-        return Stop(self.world.max(int(local)))
+        agreed = Stop(self.world.max(int(local)))
+        if agreed >= Stop.LAUNCHER_GONE:  # ranks whose launcher lives on (other nodes) exit by the same deadline
+            self.stop.arm_deadline(grace, EXIT_FAILED)
+        return agreed
 
     def describe(self, stop: Stop, step: int) -> str:
         return {

@@ -40,6 +40,14 @@ def test_validation_names_the_problem(tmp_path):
     assert "no complete.json" in checkpoint.validate(tmp_path, "step_00000007")
 
 
+@pytest.mark.parametrize("record", [b"\x8f\x00 random bytes", b"[]", b'{"files": {"data.pt": {}}}', b'{"files": []}'])
+def test_a_damaged_record_makes_the_checkpoint_invalid(tmp_path, record):
+    d = fake_checkpoint(tmp_path, 5)
+    (d / checkpoint.RECORD).write_bytes(record)
+    assert "complete.json: unreadable" in checkpoint.validate(tmp_path, "step_00000005")
+    assert checkpoint.newest_valid(tmp_path) is None
+
+
 def test_newest_valid_skips_broken_ones(tmp_path, caplog):
     fake_checkpoint(tmp_path, 2)
     fake_checkpoint(tmp_path, 4)

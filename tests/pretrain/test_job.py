@@ -59,16 +59,64 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path, caplog):
     assert "its process is gone" in caplog.text
 
 
-def test_a_reused_pid_or_a_restarted_host_does_not_hold_the_lock(tmp_path, caplog):
+def test_a_reused_pid_does_not_hold_the_lock(tmp_path, caplog):
     me = Holder.me()
     write_lock(tmp_path, dataclasses.replace(me, pid_started=me.pid_started - 3600))  # our pid, another process
     with caplog.at_level(logging.WARNING), RunLock(tmp_path, stale_after=1e9):
         pass
     assert "its process is gone" in caplog.text
-    write_lock(tmp_path, dataclasses.replace(me, boot_id="another-boot"))
-    with caplog.at_level(logging.WARNING), RunLock(tmp_path, stale_after=1e9):
+
+
+@pytest.mark.parametrize("other", [dict(boot_id="another-boot"), dict(pid_ns=1)])
+def test_another_boot_or_pid_namespace_counts_as_another_host(tmp_path, caplog, other):
+    """Same host name, but a restarted host, another machine of the same name, or a container: its pid says
+    nothing here, so the heartbeat decides."""
+    holder = dataclasses.replace(Holder.me(), pid=1, **other)
+    write_lock(tmp_path, holder, age=10)
+    with pytest.raises(RunDirBusy, match="heartbeat 10 s ago"):
+        RunLock(tmp_path, stale_after=60).acquire()
+    write_lock(tmp_path, holder, age=100)
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path, stale_after=60):
         pass
-    assert "the host has restarted since" in caplog.text
+    assert "no heartbeat for 100 s" in caplog.text
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_run(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    earlier = dataclasses.replace(Holder.me(), host="node-1", pid=1, slurm_restart=0)
+    write_lock(tmp_path, earlier)  # a fresh heartbeat: the earlier run was killed a moment ago
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with caplog.at_level(logging.WARNING), RunLock(tmp_path, stale_after=300):
+        pass
+    assert "it is the earlier run of this requeued Slurm job (restart 0)" in caplog.text
+    write_lock(tmp_path, dataclasses.replace(earlier, slurm_job_id="78"))
+    with pytest.raises(RunDirBusy, match="Slurm job 78"):
+        RunLock(tmp_path, stale_after=300).acquire()
+
+
+def test_without_hard_links_an_exclusive_create_takes_the_lock(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with RunLock(tmp_path, stale_after=60):
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path, stale_after=60).acquire()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_dir_that_cannot_be_written_is_an_error_naming_it(tmp_path):
+    from pretrain.distributed import World
+    from pretrain.errors import BadInput
+    from pretrain.job import hold_run_dir
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BadInput, match="train.run_dir: cannot hold a lock in .*file/run"):
+        with hold_run_dir(tmp_path / "file" / "run", World(), stale_after=60):
+            pass
 
 
 def test_another_hosts_lock_is_taken_over_only_once_its_heartbeat_is_stale(tmp_path, caplog):
@@ -100,7 +148,7 @@ def test_the_heartbeat_touches_the_lock_and_notices_a_takeover(tmp_path):
     assert time.time() - (tmp_path / LOCK).stat().st_mtime < 2 and not lost
     os.unlink(tmp_path / LOCK)  # another job judged us dead and took the directory
     write_lock(tmp_path, dataclasses.replace(Holder.me(), host="node-3"))
-    time.sleep(1.2)
+    time.sleep(2.2)  # lost after 3 heartbeats in a row that find another's lock
     assert [h.host for h in lost] == ["node-3"]
     lock.release()
     assert json.loads((tmp_path / LOCK).read_text())["host"] == "node-3"  # release leaves the new holder's lock

@@ -2,6 +2,7 @@
 when it steps, logs, evaluates, saves and stops."""
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,13 +132,13 @@ def test_a_stop_signal_saves_the_current_step_and_stops(tmp_path):
 
 def test_launcher_gone_saves_when_there_is_time_else_exits_at_once(tmp_path):
     t = make(tmp_path / "a")
-    t.stop.launcher = "torchrun, pid 1"
+    t.stop.launcher, t.stop.launcher_since = "torchrun, pid 1", time.monotonic()
     with t, pytest.raises(Stopped, match=r"the launcher \(torchrun, pid 1\) is gone"):
         t.fit()
     assert t.checkpoints.saved == [1]
     t = make(tmp_path / "b", orphan_grace_seconds=5)
     t.start_step, t.save_seconds = 0, 30.0  # the last save took longer than the grace allows
-    t.stop.launcher = "torchrun, pid 1"
+    t.stop.launcher, t.stop.launcher_since = "torchrun, pid 1", time.monotonic()
     with t, pytest.raises(LauncherGone, match="exiting at step 1"):
         t.fit()
     assert t.checkpoints.saved == []
@@ -146,7 +147,9 @@ def test_launcher_gone_saves_when_there_is_time_else_exits_at_once(tmp_path):
 def test_non_finite_steps_are_counted_and_stop_the_run(tmp_path):
     with make(tmp_path, bad={4, 5, 6}, max_bad_steps=3) as t, pytest.raises(NonFinite) as e:
         t.fit()
-    assert "3 consecutive steps with non-finite loss or gradients (train.max_bad_steps), the last at step 7" in str(e)
+    assert "3 consecutive steps with non-finite loss or gradients (train.max_bad_steps), the last at step 7" in str(
+        e.value
+    )
     assert "the last good checkpoint is ckpt/step_00000004" in str(e.value)
     assert t.checkpoints.saved == [4]  # none during the bad steps
 
@@ -164,3 +167,28 @@ def test_max_wall_time_leaves_room_for_a_step_and_a_save(tmp_path):
         with pytest.raises(Stopped, match="train.max_wall_time of 100 s is near"):
             t.fit()
     assert t.checkpoints.saved == [1]
+
+
+@dataclass(frozen=True)
+class OtherRank(World):
+    """This rank, with another rank beside it whose stop reason is `theirs`."""
+
+    theirs: int = 0
+
+    def max(self, value: int) -> int:
+        return max(value, self.theirs)
+
+
+def test_a_stop_seen_by_another_rank_stops_this_one_at_the_same_step(tmp_path):
+    t = make(tmp_path, stop_at_step=50)
+    t.world = OtherRank(rank=0, size=2, theirs=1)  # the other rank got SIGTERM
+    with t, pytest.raises(Stopped, match="a stop signal received"):
+        t.fit()
+    assert t.checkpoints.saved == [1]
+    t = make(tmp_path / "b")
+    t.world = OtherRank(rank=0, size=2, theirs=4)  # the other rank's launcher is gone: save, then exit
+    armed = []
+    t.stop.arm_deadline = lambda seconds, status: armed.append((seconds, status))
+    with t, pytest.raises(Stopped, match=r"the launcher \(of a rank\) is gone"):
+        t.fit()
+    assert t.checkpoints.saved == [1] and armed == [(30.0, 1)]  # this rank must exit by the same deadline
