@@ -195,10 +195,13 @@ def build_engine(cfg: ModelConfig, ds_json: Path):
 
 
 def timed_save(engine, ckpt_dir: Path, step: int, checksums: bool) -> tuple[float, str]:
-    meta = CheckpointMeta(
-        step=step, consumed_samples=0, tokens_seen=0, global_batch=BATCH, world_size=1, zero_stage=engine.zero_stage,
-        config={"bench": "checkpoint"}, data_fingerprint={},
-    )  # fmt: skip
+    meta = CheckpointMeta.of_run(
+        global_batch=BATCH,
+        world_size=1,
+        zero_stage=engine.zero_stage,
+        config={"bench": "checkpoint", "model": {"seq_len": SEQ}},
+        data_fingerprint={},
+    ).at(step)
     os.sync()
     t0 = time.perf_counter()
     tag = checkpoint.save(engine, World(), ckpt_dir, meta, checksums=checksums)

@@ -107,10 +107,7 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         val_data, eval_batches = validation_data(cfg.data, plan, tokenizer=tok, wanted=t.eval_batches)
 
     engine = Engine(cfg.optim, t, plan)
-    run = CheckpointMeta(
-        step=0,
-        consumed_samples=0,
-        tokens_seen=0,
+    run = CheckpointMeta.of_run(
         global_batch=plan.global_batch,
         world_size=world.size,
         zero_stage=engine.zero_stage,

@@ -67,6 +67,11 @@ class CheckpointMeta:
     config: dict  # the resolved run config
     data_fingerprint: dict  # pretrain.data.fingerprint of the training data
 
+    @classmethod
+    def of_run(cls, *, global_batch: int, world_size: int, zero_stage: int, config: dict, data_fingerprint: dict):
+        """A run's meta at step 0: what its checkpoints must agree with, and the template of what it saves."""
+        return cls(0, 0, 0, global_batch, world_size, zero_stage, config, data_fingerprint)
+
     def at(self, step: int) -> CheckpointMeta:
         """The same run at another step."""
         return dataclasses.replace(

@@ -239,8 +239,6 @@ class Engine:
         self.ds_config = build_ds_config(train.ds_config, optim=optim, plan=plan, precision=self.precision)
         self.optim_cfg = optim
         self.zero_stage = zero_stage(self.ds_config)
-        self.grad_accum = plan.grad_accum
-        self.grad_clip = optim.grad_clip
         self.manual_clip = manual_clipping(self.zero_stage, self.precision)
         self.ds = None
 
@@ -263,7 +261,7 @@ class Engine:
         )
         self.device = self.ds.device
         assert self.ds.zero_optimization_stage() == self.zero_stage
-        assert self.ds.gradient_accumulation_steps() == self.grad_accum
+        assert self.ds.gradient_accumulation_steps() == self.plan.grad_accum
         return model
 
     def _gather(self, params: list[torch.nn.Parameter]):
@@ -309,8 +307,8 @@ class Engine:
         return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
 
     def train_step(self, micro_batches: list, lr: float) -> StepStats:
-        if len(micro_batches) != self.grad_accum:
-            raise ValueError(f"{len(micro_batches)} micro-batches, the engine accumulates {self.grad_accum}")
+        if len(micro_batches) != self.plan.grad_accum:
+            raise ValueError(f"{len(micro_batches)} micro-batches, the engine accumulates {self.plan.grad_accum}")
         self.set_lr(lr)
         self.ds.train()
         total = torch.zeros((), device=self.device)
@@ -320,7 +318,8 @@ class Engine:
             self.ds.backward(loss)
             if self.manual_clip and self.ds.is_gradient_accumulation_boundary():
                 # gradients are averaged across ranks by now; clip_grad_norm_ returns the norm before clipping
-                max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+                clip = self.optim_cfg.grad_clip
+                max_norm = clip if clip > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.ds.module.parameters(), max_norm, foreach=True))
                 if not math.isfinite(grad_norm):  # torch's AdamW skips parameters without a gradient: no update
                     for p in self.ds.module.parameters():

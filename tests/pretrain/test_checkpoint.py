@@ -77,7 +77,13 @@ FINGERPRINT = {"datasets": [{"path": "data", "weight": 1.0, "content": "abc"}], 
 
 def run_meta(*, model=MODEL, global_batch=4, world_size=1, zero_stage=1, fingerprint=FINGERPRINT) -> CheckpointMeta:
     config = {"model": to_dict(model), "train": {"seed": 0}}
-    return CheckpointMeta(0, 0, 0, global_batch, world_size, zero_stage, config, fingerprint)
+    return CheckpointMeta.of_run(
+        global_batch=global_batch,
+        world_size=world_size,
+        zero_stage=zero_stage,
+        config=config,
+        data_fingerprint=fingerprint,
+    )
 
 
 def manager(tmp_path, world, engine=None, run=None, **cfg) -> CheckpointManager:
