@@ -22,7 +22,7 @@ import torch
 from pretrain.checkpoint import CheckpointManager, CheckpointMeta
 from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_dict, to_yaml
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
-from pretrain.distributed import World, init_distributed
+from pretrain.distributed import World, init_distributed, leave_distributed
 from pretrain.engine import Engine, accelerator_name, peak_flops_per_device, tune_cpu_allocator
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
 from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
@@ -72,6 +72,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     launcher = detect_launcher()
     world = init_distributed()
     stack = contextlib.ExitStack()
+    stack.callback(leave_distributed)  # closed last, after everything that may still talk to the other ranks
     try:
         return _build(cfg, world, launcher, stack, started)
     except BaseException:

@@ -4,6 +4,7 @@ the training loop and the checkpoint manager need.
     world = init_distributed()        # under deepspeed / torchrun, or a group of one under plain `python`
     world.rank, world.size, world.local_rank
     world.broadcast(obj)              # rank 0's object on every rank
+    leave_distributed()               # at the end (also run at exit, as a backstop)
 
 A `World` of size 1 answers every collective locally, so the loop and the checkpoint manager run in a test process
 without a process group.
@@ -11,6 +12,7 @@ without a process group.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -82,4 +84,16 @@ def init_distributed() -> World:
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
     get_accelerator().set_device(world.local_rank)  # before any collective: one device per rank
     deepspeed.init_distributed(verbose=False)
+    atexit.register(leave_distributed)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=world.local_rank)
+
+
+def leave_distributed() -> None:
+    """Destroy the process group, if this process has one. A process that exits with its gloo group alive can
+    abort at interpreter shutdown ("terminate called without an active exception", SIGABRT) after a run that
+    finished well: gloo's worker threads outlive the interpreter. Destroying the group is local (no collective), so
+    it is safe on every path, an error included. Runs once: build_trainer's close calls it, atexit backs it up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
