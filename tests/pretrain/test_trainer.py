@@ -59,6 +59,17 @@ class FakeCheckpoints:
         return self.dir / f"step_{self.saved[-1]:08d}" if self.saved else None
 
 
+class NoExitStop(StopRequest):
+    """A StopRequest whose deadline is recorded, not armed: a real one would end this test process later."""
+
+    def __init__(self):
+        super().__init__([], grace=60)
+        self.armed = []
+
+    def arm_deadline(self, seconds: float, status: int) -> None:
+        self.armed.append((seconds, status))
+
+
 def make(tmp_path, *, steps=10, start=0, save_every=4, log_every=2, eval_every=5, bad=(), **train):
     train = TrainConfig(max_steps=steps, eval_every=eval_every, global_batch_seqs=4, **train)
     trainer = Trainer(
@@ -68,7 +79,7 @@ def make(tmp_path, *, steps=10, start=0, save_every=4, log_every=2, eval_every=5
         world=World(),
         checkpoints=FakeCheckpoints(),
         metrics=Metrics(tmp_path, rank=0, tensorboard=False, start_step=start),
-        stop=StopRequest([], grace=60),
+        stop=NoExitStop(),
         optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2),
         train=train,
         save_every=save_every,
@@ -141,7 +152,7 @@ def test_launcher_gone_saves_when_there_is_time_else_exits_at_once(tmp_path):
     t.stop.launcher, t.stop.launcher_since = "torchrun, pid 1", time.monotonic()
     with t, pytest.raises(LauncherGone, match="exiting at step 1"):
         t.fit()
-    assert t.checkpoints.saved == []
+    assert t.checkpoints.saved == [] and t.stop.armed == [(5.0, 1)]
 
 
 def test_non_finite_steps_are_counted_and_stop_the_run(tmp_path):
@@ -187,8 +198,6 @@ def test_a_stop_seen_by_another_rank_stops_this_one_at_the_same_step(tmp_path):
     assert t.checkpoints.saved == [1]
     t = make(tmp_path / "b")
     t.world = OtherRank(rank=0, size=2, theirs=4)  # the other rank's launcher is gone: save, then exit
-    armed = []
-    t.stop.arm_deadline = lambda seconds, status: armed.append((seconds, status))
     with t, pytest.raises(Stopped, match=r"the launcher \(of a rank\) is gone"):
         t.fit()
-    assert t.checkpoints.saved == [1] and armed == [(30.0, 1)]  # this rank must exit by the same deadline
+    assert t.checkpoints.saved == [1] and t.stop.armed == [(30.0, 1)]  # this rank must exit by the same deadline
