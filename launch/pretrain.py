@@ -9,7 +9,8 @@ Exit status: 0 done; 3 stopped early by a stop signal (SIGTERM, SIGUSR1), train.
 or a launcher that went away, after saving a checkpoint: run the same command again to resume; 2 bad
 configuration, data or checkpoint (the message names the key or file); 4 stopped after train.max_bad_steps
 consecutive steps with non-finite loss or gradients (each skipped; the last good checkpoint is untouched); 5 the
-run directory is held by another job that is still running (the message names it); 1 anything else.
+run directory is held by another job that is still running (the message names it); 1 anything else (an I/O error
+included).
 (The table is pretrain/errors.py.)
 """
 
@@ -68,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                 sample(trainer, cfg, args.sample_prompt)
     except Stopped as e:
         return e.exit_code  # the loop has said why
-    except (RunError, FileNotFoundError) as e:
+    except RunError as e:
         if is_rank0():
             print(f"error: {e}", file=sys.stderr)
+        elif e.rank_local:  # rank 0 may not know it
+            print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr)
+        return exit_code(e)
+    except OSError as e:  # the disk, the network file system, a file removed under the run: not the config
+        print(f"error: rank {os.environ.get('RANK', '0')}: I/O error: {e}", file=sys.stderr)
         return exit_code(e)
     return EXIT_OK
 

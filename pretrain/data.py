@@ -24,7 +24,7 @@ import numpy as np
 
 from pretrain.config import BatchPlan, DatasetSpec
 from pretrain.errors import BadInput
-from pretrain.shards import IndexedShard, ShardError, read_manifest, shard_file
+from pretrain.shards import IndexedShard, ShardError, dataset_shard, read_manifest, shard_file
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,17 @@ class DataError(BadInput, ValueError):
     """A dataset that cannot be used by this run; the message names the dataset and the config key."""
 
 
-class TokenStream:
-    """The shards of one split, read as one sequence of tokens."""
+class SampleError(DataError):
+    """A sample that cannot be trained on (found by the rank that reads it); the message names where it is."""
 
-    def __init__(self, prefixes: list[Path], name: str):
-        self.name = name
+    rank_local = True
+
+
+class TokenStream:
+    """The shards of one split, read as one sequence of tokens; `vocab_size` bounds its ids (None: unchecked)."""
+
+    def __init__(self, prefixes: list[Path], name: str, *, vocab_size: int | None = None):
+        self.name, self.vocab_size = name, vocab_size
         self.shards = [IndexedShard(p) for p in prefixes]
         sizes = [s.num_tokens for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -57,46 +63,55 @@ class TokenStream:
             i += 1
         return out
 
+    def locate(self, position: int) -> str:
+        """Where token `position` of the stream lies: its shard file and its place in it."""
+        i = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return f"{shard_file(self.shards[i].prefix, '.bin')}, token {position - int(self.starts[i]):,}"
+
 
 def open_stream(spec: DatasetSpec, split: str, *, tokenizer: dict, key: str) -> TokenStream:
-    """A dataset directory's split (checked against the run's tokenizer), or a bare Megatron prefix."""
+    """A dataset directory's split (checked against the run's tokenizer), or a bare Megatron prefix.
+
+    Token ids must be below the tokenizer's vocab (the model's is at least as large): a dataset's manifest vouches
+    for its shards, a bare prefix is scanned here, and every sample is checked again when it is read."""
     path = Path(spec.path)
-    if path.is_dir():
-        try:
-            manifest = read_manifest(path)
-        except ShardError as e:
-            raise DataError(f"{key}: {e}") from None
-        made_with = manifest["tokenizer"]
-        if made_with["sha256"] != tokenizer["sha256"] or made_with["vocab_size"] != tokenizer["vocab_size"]:
-            raise DataError(
-                f"{key}: {path} was tokenized with {made_with['path']} (sha256 {made_with['sha256'][:12]}..., "
-                f"vocab {made_with['vocab_size']}), but data.tokenizer is {tokenizer['path']} (sha256 "
-                f"{tokenizer['sha256'][:12]}..., vocab {tokenizer['vocab_size']}); re-tokenize or fix data.tokenizer"
-            )
-        entry = manifest["splits"].get(split)
-        if entry is None or not entry["shards"]:
-            hint = (
-                " (tokenized with --val-fraction 0?): set data.val_datasets, or train.eval_every=0"
-                if split == "val"
-                else ""
-            )
-            raise DataError(f"{key}: {path} has no '{split}' shards{hint}")
-        prefixes = [path / s["prefix"] for s in entry["shards"]]
-        name = f"{path}:{split}"
-    elif shard_file(_strip_ext(path), ".idx").is_file():
-        path = _strip_ext(path)
-        prefixes, name = [path], str(path)
-    else:
-        raise DataError(f"{key}: {path} is neither a dataset directory (with manifest.json) nor a .bin/.idx prefix")
     try:
-        stream = TokenStream(prefixes, name)
-    except ShardError as e:
+        if path.is_dir():
+            prefixes, name = _split_shards(path, split, tokenizer), f"{path}:{split}"
+        elif shard_file(_strip_ext(path), ".idx").is_file():
+            path = _strip_ext(path)
+            prefixes, name = [path], str(path)
+        else:
+            raise DataError(f"{path} is neither a dataset directory (with manifest.json) nor a .bin/.idx prefix")
+        stream = TokenStream(prefixes, name, vocab_size=tokenizer["vocab_size"])
+    except (ShardError, DataError) as e:
         raise DataError(f"{key}: {e}") from None
     if not path.is_dir():  # no manifest vouches for the ids: check them once
         top = max((int(s.tokens.max()) for s in stream.shards if s.num_tokens), default=0)
         if top >= tokenizer["vocab_size"]:
             raise DataError(f"{key}: {path} holds token id {top}, outside the vocab of {tokenizer['vocab_size']}")
     return stream
+
+
+def _split_shards(path: Path, split: str, tokenizer: dict) -> list[Path]:
+    """The shards of a dataset directory's split, once its manifest is found sound and made with `tokenizer`."""
+    manifest = read_manifest(path)
+    made_with = manifest["tokenizer"]
+    if made_with["sha256"] != tokenizer["sha256"] or made_with["vocab_size"] != tokenizer["vocab_size"]:
+        raise DataError(
+            f"{path} was tokenized with {made_with['path']} (sha256 {made_with['sha256'][:12]}..., "
+            f"vocab {made_with['vocab_size']}), but data.tokenizer is {tokenizer['path']} (sha256 "
+            f"{tokenizer['sha256'][:12]}..., vocab {tokenizer['vocab_size']}); re-tokenize or fix data.tokenizer"
+        )
+    entry = manifest["splits"].get(split)
+    if entry is None or not entry["shards"]:
+        hint = (
+            " (tokenized with --val-fraction 0?): set data.val_datasets, or train.eval_every=0"
+            if split == "val"
+            else ""
+        )
+        raise DataError(f"{path} has no '{split}' shards{hint}")
+    return [dataset_shard(path, s["prefix"]) for s in entry["shards"]]
 
 
 def _strip_ext(path: Path) -> Path:
@@ -127,7 +142,18 @@ class PackedDataset:
 
     def sample(self, k: int) -> np.ndarray:
         """This dataset's k-th sample: (seq_len + 1,) int64."""
-        return self.stream.read(self.window_of(k) * self.seq_len, self.seq_len + 1)
+        start = self.window_of(k) * self.seq_len
+        x = self.stream.read(start, self.seq_len + 1)
+        # A min and a max over the sample (cheap next to reading it): an id outside the vocab would otherwise be
+        # an IndexError deep in the model, or silently train an unused row of the padded embedding.
+        vocab = self.stream.vocab_size
+        if vocab is not None and not 0 <= x.min() <= x.max() < vocab:
+            i = int(np.argmax((x < 0) | (x >= vocab)))
+            raise SampleError(
+                f"{self.stream.name}, sample {k}: token {i} is {x[i]}, outside the vocab of {vocab} "
+                f"({self.stream.locate(start + i)})"
+            )
+        return x
 
 
 def _positions(weight: float, k: np.ndarray) -> np.ndarray:

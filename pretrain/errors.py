@@ -2,8 +2,10 @@
 
 The one table of exit statuses; launchers, Slurm scripts and tests ask it:
   0  done
-  1  anything else (a bug, a crash, a launcher that went away before a save could finish)
-  2  bad configuration, data or checkpoint (the message names the key or file)
+  1  anything else (a bug, a crash, an I/O error such as a full disk or a file removed under the run, a launcher
+     that went away before a save could finish)
+  2  bad configuration, data or checkpoint (the message names the key or file); only what the library raised as
+     BadInput after checking it, never an operating-system error that happened to name a path
   3  stopped early after saving a checkpoint (stop signal, train.max_wall_time, train.stop_at_step, a launcher
      that went away): run the same command again to resume
   4  too many consecutive non-finite steps (the last good checkpoint is left as it was)
@@ -24,9 +26,12 @@ EXIT_BUSY = 5
 
 
 class RunError(Exception):
-    """An expected way for a run to end early; `exit_code` is what the entry point returns for it."""
+    """An expected way for a run to end early; `exit_code` is what the entry point returns for it. Most are raised
+    on every rank alike (rank 0 reports them); `rank_local` ones are found by one rank on its own, which reports
+    them itself."""
 
     exit_code = EXIT_FAILED
+    rank_local = False
 
 
 class BadInput(RunError):
@@ -61,8 +66,4 @@ class LauncherGone(RunError):
 
 def exit_code(error: BaseException) -> int:
     """The exit status for an exception that ended a run."""
-    if isinstance(error, RunError):
-        return error.exit_code
-    if isinstance(error, FileNotFoundError):  # a path in the configuration
-        return EXIT_BAD_INPUT
-    return EXIT_FAILED
+    return error.exit_code if isinstance(error, RunError) else EXIT_FAILED

@@ -8,7 +8,8 @@ Format (little-endian), shared with Megatron-LM and GPT-NeoX so datasets move fr
   .idx  magic b"MMIDIDX\\x00\\x00" (9 bytes), version u64 = 1, dtype code u8, sequence count N u64,
         document-index length D+1 u64, N x int32 sequence lengths, N x int64 byte offsets into .bin,
         (D+1) x int64 document indices (here one document = one sequence, so [0, 1, ..., N])
-Dataset layout: <dir>/manifest.json, <dir>/<split>/shard_00000.{bin,idx}, ...
+Dataset layout: <dir>/manifest.json, <dir>/<split>/shard_00000.{bin,idx}, ... Every shard lies inside <dir>:
+`read_manifest` refuses a shard path that leaves it, `dataset_shard` a symlink that resolves outside it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +42,6 @@ DTYPE_CODES = {
 CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "pretrain-shards/1"
-REQUIRED_KEYS = (
-    "tokenizer.path",
-    "tokenizer.sha256",
-    "tokenizer.vocab_size",
-    "tokenizer.eod_id",
-    "dtype",
-    "settings.val_fraction",
-    "settings.split_seed",
-    "inputs",
-    "skipped",
-    "splits",
-)
 
 
 class ShardError(ValueError):
@@ -213,6 +203,14 @@ class SplitWriter:
             self.on_shard(self.split, info)
 
 
+def _map(path: Path, dtype) -> np.memmap:
+    """A read-only memory map of a whole file (a ShardError if it cannot be read)."""
+    try:
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as e:
+        raise ShardError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
 class IndexedShard:
     """Memory-mapped reader of one `.bin`/`.idx` pair, ours or any Megatron writer's.
 
@@ -225,9 +223,9 @@ class IndexedShard:
         for p in (idx_path, bin_path):
             if not p.is_file():
                 raise ShardError(f"{p}: missing")
-        raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        if len(raw) < HEADER.size:
-            raise ShardError(f"{idx_path}: {len(raw)} bytes is shorter than the {HEADER.size}-byte header")
+        if (idx_bytes := idx_path.stat().st_size) < HEADER.size:  # (and numpy cannot map an empty file)
+            raise ShardError(f"{idx_path}: {idx_bytes} bytes is shorter than the {HEADER.size}-byte header")
+        raw = _map(idx_path, np.uint8)
         magic, version, code, n, d = HEADER.unpack(bytes(raw[: HEADER.size]))
         if magic != MAGIC:
             raise ShardError(f"{idx_path}: bad magic {magic!r}, expected {MAGIC!r}")
@@ -245,13 +243,9 @@ class IndexedShard:
         self.sizes = np.frombuffer(raw, dtype="<i4", count=n, offset=pos)
         self.offsets = np.frombuffer(raw, dtype="<i8", count=n, offset=pos + 4 * n)
         self.doc_idx = np.frombuffer(raw, dtype="<i8", count=d, offset=pos + 12 * n)
-        bin_bytes = os.path.getsize(bin_path)
-        if bin_bytes == 0:
-            self.tokens = np.zeros(0, dtype=self.dtype)
-        else:
-            self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r")
-        self._bin_bytes = bin_bytes
-        self.check()
+        self._bin_bytes = os.path.getsize(bin_path)
+        self.check()  # before mapping the .bin: numpy refuses a size that is not a whole number of tokens
+        self.tokens = _map(bin_path, self.dtype) if self._bin_bytes else np.zeros(0, dtype=self.dtype)
 
     def check(self) -> None:
         """Index consistency: offsets follow the sizes and the .bin holds exactly the tokens indexed."""
@@ -287,44 +281,164 @@ class IndexedShard:
         return self.tokens[start : start + int(self.sizes[i])]
 
 
+# ----------------------------------------------------------------------------------------------- manifest schema
+# What read_manifest accepts, so that the code using a manifest may index it without looking. A dict is an object
+# with these keys (a key ending in "?" may be absent; the key `str` stands for every key), a one-item list a list of
+# such items, a pair (test, description) a value the test accepts.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_relative_inside(v) -> bool:
+    """A path relative to the dataset directory that does not leave it (symlinks are checked when opening)."""
+    return isinstance(v, str) and v != "" and not v.startswith("/") and ".." not in v.split("/")
+
+
+DTYPE_NAMES = tuple(np.dtype(t).name for t in DTYPE_CODES.values() if np.issubdtype(t, np.integer))
+STRING = (lambda v: isinstance(v, str), "a string")
+BOOL = (lambda v: isinstance(v, bool), "true or false")
+COUNT = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+POSITIVE = (lambda v: _is_int(v) and v > 0, "a positive integer")
+PIECE_ID = (lambda v: _is_int(v) and v >= -1, "an integer >= -1")  # sentencepiece: -1 when the piece is disabled
+FRACTION = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
+SHA256 = (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "a sha256 (64 hex digits)")
+DTYPE = (lambda v: v in DTYPE_NAMES, "one of " + ", ".join(DTYPE_NAMES))
+SHARD_PATH = (_is_relative_inside, "a relative path inside the dataset directory")
+SHARD_SCHEMA = {
+    "prefix": SHARD_PATH,
+    "documents": COUNT,
+    "tokens": COUNT,
+    "bin_bytes": COUNT,
+    "bin_sha256": SHA256,
+    "idx_sha256": SHA256,
+}
+MANIFEST_SCHEMA = {
+    "format": STRING,
+    "tool_version?": STRING,
+    "tokenizer": {
+        "path": STRING,
+        "sha256": SHA256,
+        "vocab_size": POSITIVE,
+        "eod_id": COUNT,
+        "bos_id": PIECE_ID,
+        "pad_id?": PIECE_ID,
+    },
+    "dtype": DTYPE,
+    "settings": {
+        "text_field?": STRING,
+        "val_fraction": FRACTION,
+        "split_seed": COUNT,
+        "shard_tokens": POSITIVE,
+        "add_bos": BOOL,
+        "on_error?": STRING,
+        "dtype": DTYPE,
+    },
+    "split_rule?": STRING,
+    "inputs": [{"path": STRING, "bytes": COUNT}],
+    "skipped": {str: COUNT},
+    "unreadable?": [STRING],  # inputs skipped as unreadable (--on-error=skip)
+    "zstd_without_checksum?": [STRING],  # .zst inputs whose corruption zstd could not detect
+    "splits": {str: {"documents": COUNT, "tokens": COUNT, "text_bytes?": COUNT, "shards": [SHARD_SCHEMA]}},
+}
+
+
+def schema_error(value, schema, where: str = "") -> str | None:
+    """The first place where `value` breaks `schema`, as "key.path: what is wrong"; None when it does not."""
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{where}: expected an object, got {_show(value)}"
+        for key, sub in schema.items():
+            if key is str:
+                items = list(value.items())
+            elif key.rstrip("?") in value:
+                items = [(key.rstrip("?"), value[key.rstrip("?")])]
+            elif key.endswith("?"):
+                continue
+            else:
+                return f"{_join(where, key)}: missing"
+            for k, v in items:
+                if error := schema_error(v, sub, _join(where, k)):
+                    return error
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where}: expected a list, got {_show(value)}"
+        for i, item in enumerate(value):
+            if error := schema_error(item, schema[0], f"{where}[{i}]"):
+                return error
+        return None
+    test, description = schema
+    return None if test(value) else f"{where}: expected {description}, got {_show(value)}"
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _show(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_manifest(directory: str | Path) -> dict:
+    """A dataset's manifest, checked against MANIFEST_SCHEMA: a ShardError names the file and the key otherwise."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path}: missing (the dataset is incomplete or was not made by data_prep tokenize)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ShardError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # invalid JSON or UTF-8
         raise ShardError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ShardError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
-    for key in REQUIRED_KEYS:
-        node = manifest
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise ShardError(f"{path}: no '{key}' (a damaged or hand-edited manifest?)")
-            node = node[part]
-    for split, entry in manifest["splits"].items():
-        for field in ("documents", "tokens", "shards"):
-            if not isinstance(entry, dict) or field not in entry:
-                raise ShardError(f"{path}: no 'splits.{split}.{field}'")
+    if error := schema_error(manifest, MANIFEST_SCHEMA):
+        raise ShardError(f"{path}: {error}")
     return manifest
 
 
-def verify_shard(root: Path, info: ShardInfo, *, vocab_size: int | None, checksums: bool = True) -> list[str]:
-    """Problems found in one shard against its manifest record (an empty list when it is sound)."""
-    prefix = root / info.prefix
+def manifest_shards(manifest: dict) -> dict[str, list[ShardInfo]]:
+    names = [f.name for f in fields(ShardInfo)]
+    return {
+        split: [ShardInfo(**{k: s[k] for k in names}) for s in entry["shards"]]
+        for split, entry in manifest["splits"].items()
+    }
+
+
+def dataset_shard(root: str | Path, prefix: str) -> Path:
+    """`root / prefix`, refused if one of its files resolves (through a symlinked file or directory) outside the
+    dataset directory: a dataset's shards are its own, whatever its manifest says or its links point at."""
+    path, inside = Path(root) / prefix, Path(root).resolve()
+    for ext in (".bin", ".idx"):
+        real = shard_file(path, ext).resolve()
+        if not real.is_relative_to(inside):
+            raise ShardError(f"{shard_file(path, ext)}: resolves to {real}, outside the dataset directory {inside}")
+    return path
+
+
+def verify_shard(root: Path, info: ShardInfo, manifest: dict, *, checksums: bool = True) -> list[str]:
+    """Problems found in one shard against its manifest record and the manifest's dtype, vocab, special ids and
+    settings (an empty list when it is sound)."""
     try:
+        prefix = dataset_shard(root, info.prefix)
         shard = IndexedShard(prefix)
     except ShardError as e:
         return [str(e)]
     problems = []
+    if shard.dtype.name != manifest["dtype"]:
+        problems.append(f"{prefix}.idx: dtype {shard.dtype.name}, manifest says {manifest['dtype']}")
     if len(shard) != info.documents:
         problems.append(f"{prefix}.idx: {len(shard)} documents, manifest says {info.documents}")
     if shard.num_tokens != info.tokens:
         problems.append(f"{prefix}.bin: {shard.num_tokens} tokens, manifest says {info.tokens}")
-    if vocab_size is not None and shard.num_tokens and int(shard.tokens.max()) >= vocab_size:
-        problems.append(f"{prefix}.bin: token id {int(shard.tokens.max())} >= vocab size {vocab_size}")
+    if shard.tokens.nbytes != info.bin_bytes:
+        problems.append(f"{prefix}.bin: {shard.tokens.nbytes:,} bytes, manifest says {info.bin_bytes:,}")
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if shard.num_tokens and int(shard.tokens.max()) >= vocab:
+        problems.append(f"{prefix}.bin: token id {int(shard.tokens.max())} >= vocab size {vocab}")
+    problems += _document_problems(prefix, shard, manifest)
     if checksums:
         for ext, want in ((".bin", info.bin_sha256), (".idx", info.idx_sha256)):
             got = sha256_file(shard_file(prefix, ext))
@@ -333,22 +447,95 @@ def verify_shard(root: Path, info: ShardInfo, *, vocab_size: int | None, checksu
     return problems
 
 
-def manifest_shards(manifest: dict) -> dict[str, list[ShardInfo]]:
-    return {split: [ShardInfo(**s) for s in entry["shards"]] for split, entry in manifest["splits"].items()}
+def _document_problems(prefix: Path, shard: IndexedShard, manifest: dict) -> list[str]:
+    """What data_prep tokenize makes of every document: the bos id first if (and only if) settings.add_bos, the
+    eod id last; and a shard closes at the first document that brings it to settings.shard_tokens."""
+    eod, bos = manifest["tokenizer"]["eod_id"], manifest["tokenizer"]["bos_id"]
+    add_bos, shard_tokens = manifest["settings"]["add_bos"], manifest["settings"]["shard_tokens"]
+    n = len(shard)
+    if n == 0:
+        return []
+    short = np.flatnonzero(shard.sizes < 1 + add_bos)
+    if len(short):
+        what = "its bos and eod ids" if add_bos else "its eod id"
+        return [f"{prefix}.idx: document {short[0]} holds {shard.sizes[short[0]]} token(s), too few for {what}"]
+    problems = []
+    starts = shard.offsets // shard.dtype.itemsize
+    last = shard.tokens[starts + shard.sizes - 1]
+    if len(bad := np.flatnonzero(last != eod)):
+        problems.append(
+            f"{prefix}.bin: {len(bad)} of {n} documents do not end with the eod id {eod} "
+            f"(document {bad[0]} ends with {last[bad[0]]})"
+        )
+    first = shard.tokens[starts]
+    if len(bad := np.flatnonzero((first == bos) != add_bos)):
+        start = "do not start" if add_bos else "start"
+        problems.append(
+            f"{prefix}.bin: {len(bad)} of {n} documents {start} with the bos id {bos}, but settings.add_bos is "
+            f"{str(add_bos).lower()} (document {bad[0]} starts with {first[bad[0]]})"
+        )
+    if (before_last := shard.num_tokens - int(shard.sizes[-1])) >= shard_tokens:
+        problems.append(
+            f"{prefix}.bin: {before_last:,} tokens before its last document: settings.shard_tokens {shard_tokens:,} "
+            "would have closed it earlier"
+        )
+    return problems
 
 
 def verify_dataset(directory: str | Path, *, checksums: bool = True) -> list[str]:
-    """Check every shard of a dataset against its manifest: presence, index consistency, counts, checksums."""
+    """Check a dataset against its manifest: the manifest's own consistency, every shard (inside the dataset
+    directory, index, counts, dtype, token ids, documents, where shards break, checksums) and shard files that no
+    manifest entry lists. (The tokenizer file and the train/val split are checked by data_prep inspect.)"""
     root = Path(directory)
     manifest = read_manifest(root)
-    vocab = manifest["tokenizer"]["vocab_size"]
-    problems = []
+    problems = _manifest_problems(root / MANIFEST, manifest)
+    shard_tokens = manifest["settings"]["shard_tokens"]
+    for split, shards in manifest_shards(manifest).items():
+        for i, info in enumerate(shards):
+            problems += verify_shard(root, info, manifest, checksums=checksums)
+            if i < len(shards) - 1 and info.tokens < shard_tokens:
+                problems.append(
+                    f"{root / info.prefix}.bin: {info.tokens:,} tokens, fewer than settings.shard_tokens "
+                    f"{shard_tokens:,}, but not the last shard of '{split}'"
+                )
+    return problems + _unlisted_shard_files(root, manifest)
+
+
+def _manifest_problems(path: Path, manifest: dict) -> list[str]:
+    """What a manifest contradicts in itself: dtype for the vocab, special ids, split totals, shards listed twice."""
+    tok, dtype, settings = manifest["tokenizer"], manifest["dtype"], manifest["settings"]
+    vocab, problems = tok["vocab_size"], []
+    if dtype != dtype_for_vocab(vocab).name:
+        problems.append(f"{path}: dtype is {dtype}, but a vocab of {vocab} needs {dtype_for_vocab(vocab).name}")
+    if settings["dtype"] != dtype:
+        problems.append(f"{path}: settings.dtype is {settings['dtype']}, dtype is {dtype}")
+    for key in ("eod_id", "bos_id"):
+        if tok[key] >= vocab:
+            problems.append(f"{path}: tokenizer.{key} {tok[key]} is not below tokenizer.vocab_size {vocab}")
+    if settings["add_bos"] and tok["bos_id"] < 0:
+        problems.append(f"{path}: settings.add_bos is true, but the tokenizer has no bos id")
+    seen: dict[str, str] = {}
     for split, shards in manifest_shards(manifest).items():
         entry = manifest["splits"][split]
-        for info in shards:
-            problems += verify_shard(root, info, vocab_size=vocab, checksums=checksums)
         for key in ("documents", "tokens"):
             total = sum(getattr(s, key) for s in shards)
             if total != entry[key]:
-                problems.append(f"{root / MANIFEST}: splits.{split}.{key} is {entry[key]}, its shards hold {total}")
+                problems.append(f"{path}: splits.{split}.{key} is {entry[key]}, its shards hold {total}")
+        for i, info in enumerate(shards):
+            key = f"splits.{split}.shards[{i}]"
+            if (first := seen.setdefault(Path(info.prefix).as_posix(), key)) != key:
+                problems.append(f"{path}: {key}.prefix is {info.prefix}, already listed at {first}")
     return problems
+
+
+def _unlisted_shard_files(root: Path, manifest: dict) -> list[str]:
+    """Shard files in the dataset's directories that no manifest entry lists (an entry removed by hand?)."""
+    listed = {
+        shard_file(root / info.prefix, ext)
+        for shards in manifest_shards(manifest).values()
+        for info in shards
+        for ext in (".bin", ".idx")
+    }
+    folders = {p.parent for p in listed} | {p for p in root.iterdir() if p.is_dir()}
+    found = sorted(p for d in folders if d.is_dir() for p in d.iterdir() if p.suffix in (".bin", ".idx"))
+    return [f"{p}: a shard file that no manifest entry lists (a removed entry?)" for p in found if p not in listed]

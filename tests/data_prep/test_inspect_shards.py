@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import pytest
 
 from data_prep import inspect_shards
@@ -64,3 +67,88 @@ def test_inspect_without_manifest(tmp_path, capsys):
 def test_module_entry_point(capsys):
     assert data_prep_main(["nonsense"]) == 2
     assert "train-tokenizer,tokenize,inspect" in capsys.readouterr().err
+
+
+def edit_manifest(root, edit):
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def inspect(dataset, capsys, *args):
+    code = inspect_shards.main([str(dataset), "--samples", "0", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m["splits"]["train"]["shards"][2].update(tokens="12"), "splits.train.shards[2].tokens: expected"),
+        (lambda m: m["tokenizer"].update(vocab_size="2000"), "tokenizer.vocab_size: expected a positive integer"),
+        (lambda m: m["tokenizer"].update(sha256=12), "tokenizer.sha256: expected a sha256"),
+        (lambda m: m["inputs"][0].pop("bytes"), "inputs[0].bytes: missing"),
+        (lambda m: m.update(skipped=[]), "skipped: expected an object"),
+        (lambda m: m.update(dtype="bogus"), "dtype: expected one of"),
+        (lambda m: m["splits"]["val"]["shards"][0].update(prefix="../../outside/x"), "expected a relative path"),
+    ],
+)
+def test_inspect_names_the_bad_manifest_key(dataset, capsys, edit, message):
+    edit_manifest(dataset, edit)
+    code, out, err = inspect(dataset, capsys)
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: {dataset}/manifest.json: ") and message in err and "Traceback" not in err
+
+
+def test_inspect_does_not_follow_shards_out_of_the_dataset(dataset, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    shutil.copytree(dataset / "val", outside)  # real shards, with the checksums the manifest records
+    edit_manifest(dataset, lambda m: m["splits"]["val"]["shards"][0].update(prefix=str(outside / "shard_00000")))
+    code, _, err = inspect(dataset, capsys)
+    assert code == 1 and "splits.val.shards[0].prefix: expected a relative path inside the dataset directory" in err
+    edit_manifest(dataset, lambda m: m["splits"]["val"]["shards"][0].update(prefix="val/shard_00000"))
+    shutil.rmtree(dataset / "val")
+    (dataset / "val").symlink_to(outside)
+    code, out, _ = inspect(dataset, capsys)
+    assert code == 1 and f"{dataset}/val/shard_00000.bin: resolves to {outside}/shard_00000.bin, outside" in out
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda m: m["tokenizer"].update(vocab_size=3000), "tokenizer.vocab_size is 3000, but {tok} has 2000"),
+        (lambda m: m["tokenizer"].update(sha256="0" * 64), "tokenizer.sha256 is 000000000000..., but {tok} has"),
+        (lambda m: m["tokenizer"].update(eod_id=3), "tokenizer.eod_id is 3, but {tok} has 2"),
+        (lambda m: m.update(dtype="int32"), "train/shard_00000.idx: dtype uint16, manifest says int32"),
+        (lambda m: m["settings"].update(split_seed=7), "belong to 'train' by their text under settings.split_seed 7"),
+        (lambda m: m["settings"].update(val_fraction=0.6), "belong to 'val' by their text under settings.split_seed 0"),
+    ],
+)
+def test_inspect_finds_hand_edits(dataset, tokenizer_path, capsys, edit, problem):
+    edit_manifest(dataset, edit)
+    code, out, _ = inspect(dataset, capsys)
+    assert code == 1 and "verify     FAILED" in out and problem.format(tok=tokenizer_path) in out
+
+
+def test_inspect_reports_a_removed_shard_entry(dataset, capsys):
+    def drop_last_val_shard(m):
+        val = m["splits"]["val"]
+        dropped = val["shards"].pop()
+        val["documents"] -= dropped["documents"]
+        val["tokens"] -= dropped["tokens"]
+
+    edit_manifest(dataset, drop_last_val_shard)
+    code, out, _ = inspect(dataset, capsys)
+    assert code == 1 and "verify     FAILED, 2 problem(s)" in out
+    assert f"{dataset}/val/shard_00000.bin: a shard file that no manifest entry lists" in out
+
+
+def test_inspect_says_what_it_could_not_check(dataset, tokenizer_path, capsys, tmp_path):
+    edit_manifest(dataset, lambda m: m["tokenizer"].update(path=str(tmp_path / "gone.model")))
+    code, out, _ = inspect(dataset, capsys)
+    assert code == 0 and "verify     ok:" in out
+    assert f"not checked: the tokenizer ({tmp_path / 'gone.model'} is not there; pass --tokenizer)" in out
+    code, out, _ = inspect(dataset, capsys, "--tokenizer", str(tokenizer_path))
+    assert code == 0 and "not checked" not in out
+    assert f"tokenizer  ok: {tokenizer_path} matches the manifest" in out
+    assert "split      ok:" in out

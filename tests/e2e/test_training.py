@@ -149,3 +149,49 @@ def test_missing_shards_and_wrong_tokenizer_exit_2(tmp_path, tokenizer_path, tin
         and "was tokenized with" in result.stderr
         and "re-tokenize or fix data.tokenizer" in result.stderr
     )
+
+
+def test_an_io_error_is_not_a_bad_configuration(tmp_path, tokenizer_path, tiny_dataset):
+    """An operating-system error during a run (here the metrics file is a directory) exits 1 with a one-line I/O
+    error, not 2 ("bad configuration"): exit statuses mean what the README says."""
+    run = tmp_path / "r"
+    (run / "metrics.jsonl").mkdir(parents=True)
+    result = pretrain("python", 1, tiny_overrides(tokenizer_path, tiny_dataset, run) + ["train.global_batch_seqs=8"])
+    assert result.returncode == 1 and "error: rank 0: I/O error: " in result.stderr, result.stderr[-2000:]
+    assert "metrics.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_token_found_by_rank_1_is_reported_by_rank_1(tmp_path, tokenizer_path, tiny_dataset, tokenizer):
+    """A token id outside the vocab (a shard changed behind its manifest's back) in a sample only rank 1 reads stops
+    the run before the model sees it, and rank 1 names it (rank 0 never read it)."""
+    import shutil
+
+    import numpy as np
+
+    from pretrain.config import BatchPlan, DataConfig, DatasetSpec, TrainConfig
+    from pretrain.data import blend, build_dataset
+    from pretrain.shards import IndexedShard, shard_file
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    plan = BatchPlan.resolve(TrainConfig(global_batch_seqs=8, micro_batch_seqs=4), seq_len=32, world_size=2)
+    # the order the run reads: its data.seed
+    train = build_dataset(
+        [DatasetSpec(str(data))], "train", seq_len=32, seed=DataConfig().seed, tokenizer=tokenizer.describe(), key="d"
+    )
+    start, _ = plan.rank_range(0, 1)  # rank 1's first sample of step 0 ...
+    (d,), (k,) = blend(train.weights, start, 1)
+    position = train.datasets[d].window_of(int(k)) * 32 + 5  # ... its 6th token
+    stream = train.datasets[d].stream
+    i = int(np.searchsorted(stream.starts, position, side="right")) - 1
+    shard = IndexedShard(stream.shards[i].prefix)
+    with open(shard_file(shard.prefix, ".bin"), "r+b") as f:
+        f.seek((position - int(stream.starts[i])) * shard.dtype.itemsize)
+        f.write(np.array([tokenizer.vocab_size + 7], dtype=shard.dtype).tobytes())
+    args = tiny_overrides(tokenizer_path, data, tmp_path / "r") + ["train.global_batch_seqs=8", "train.max_steps=2"]
+    result = pretrain("torchrun", 2, [*args, "train.micro_batch_seqs=4", "train.eval_every=0"])
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert f"error: rank 1: {data}:train, sample {start}: token 5 is {tokenizer.vocab_size + 7}, outside the vocab" in (
+        result.stderr
+    ), result.stderr[-3000:]
+    assert "IndexError" not in result.stderr

@@ -1,4 +1,7 @@
 import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +153,74 @@ def test_dataset_errors_name_the_key(tmp_path, tiny_dataset, tokenizer):
         )
     manifest = json.loads((tiny_dataset / "manifest.json").read_text())
     assert manifest["splits"]["val"]["shards"]  # the fixture has a val split
+
+
+@pytest.fixture
+def dataset_copy(tmp_path, tiny_dataset):
+    """A copy of the tiny dataset to damage (the fixture itself is shared by the session)."""
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "ds"))
+
+
+def edit_manifest(root, edit):
+    manifest = json.loads((root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def build_train(root, tokenizer):
+    spec = [DatasetSpec(str(root))]
+    return build_dataset(spec, "train", seq_len=32, seed=0, tokenizer=tokenizer.describe(), key="data.datasets")
+
+
+def test_a_malformed_manifest_is_a_data_error_naming_file_and_key(dataset_copy, tokenizer):
+    edit_manifest(dataset_copy, lambda m: m["splits"]["train"]["shards"][1].pop("prefix"))
+    with pytest.raises(DataError) as e:
+        build_train(dataset_copy, tokenizer)
+    assert str(e.value) == f"data.datasets[0]: {dataset_copy}/manifest.json: splits.train.shards[1].prefix: missing"
+
+
+def test_shards_outside_the_dataset_directory_are_refused(dataset_copy, tmp_path, tokenizer):
+    outside = tmp_path / "outside"
+    shutil.copytree(dataset_copy / "train", outside)
+    edit_manifest(dataset_copy, lambda m: m["splits"]["train"]["shards"][1].update(prefix="../outside/shard_00001"))
+    with pytest.raises(DataError, match=r"splits\.train\.shards\[1\]\.prefix: expected a relative path inside"):
+        build_train(dataset_copy, tokenizer)
+    edit_manifest(dataset_copy, lambda m: m["splits"]["train"]["shards"][1].update(prefix="train/shard_00001"))
+    build_train(dataset_copy, tokenizer)
+    idx = dataset_copy / "train" / "shard_00001.idx"
+    idx.unlink()
+    idx.symlink_to(outside / idx.name)
+    with pytest.raises(DataError, match=rf"data\.datasets\[0\]: {re.escape(str(idx))}: resolves to .*, outside the"):
+        build_train(dataset_copy, tokenizer)
+
+
+def test_token_ids_outside_the_vocab_stop_the_run_where_they_are_read(dataset_copy, tokenizer):
+    """The manifest vouches for the ids, so they are not scanned at the start; a shard changed behind its back
+    must still fail with the dataset and the position named, not with an IndexError inside the model."""
+    shard = dataset_copy / "train" / "shard_00001.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[1234] = tokenizer.vocab_size + 500
+    tokens.tofile(shard)
+    data = build_train(dataset_copy, tokenizer)
+    first = json.loads((dataset_copy / "manifest.json").read_text())["splits"]["train"]["shards"][0]["tokens"]
+    window = (first + 1234) // 32  # the window holding the bad token (and the one before, if it starts there)
+    k = next(k for k in range(data.num_samples) if data.datasets[0].window_of(k) == window)
+    with pytest.raises(DataError) as e:
+        data.samples(k, k + 1)
+    assert str(e.value) == (
+        f"{dataset_copy}:train, sample {k}: token {(first + 1234) % 32} is {tokenizer.vocab_size + 500}, outside "
+        f"the vocab of {tokenizer.vocab_size} ({shard}, token 1,234)"
+    )
+    good = next(k for k in range(data.num_samples) if data.datasets[0].window_of(k) not in (window, window - 1))
+    assert data.samples(good, good + 1).max() < tokenizer.vocab_size
+
+
+def test_the_sample_guard_catches_negative_ids(tmp_path):
+    w = ShardWriter(tmp_path / "s", np.int32)  # the dtype of vocabularies over 65536: signed
+    w.add(np.array([5, 6, -1, 7, 8], dtype=np.int32), np.array([5]))
+    w.finish(tmp_path)
+    data = PackedDataset(TokenStream([tmp_path / "s"], "signed", vocab_size=100), seq_len=2, seed=0, index=0)
+    with pytest.raises(
+        DataError, match=r"signed, sample \d: token \d is -1, outside the vocab of 100 \(.*s\.bin, token 2\)"
+    ):
+        [data.sample(k) for k in range(data.num_samples)]

@@ -1,16 +1,24 @@
+import json
+import re
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pretrain.shards import (
+    MANIFEST,
     IndexedShard,
     ShardError,
     ShardWriter,
     SplitWriter,
+    dataset_shard,
     dtype_for_vocab,
     encode_index,
+    read_manifest,
     shard_prefix,
+    verify_dataset,
 )
 
 DOCS = [[5, 6, 7], [8], [9, 10]]
@@ -69,6 +77,7 @@ def test_unfinished_writer_leaves_no_final_files(tmp_path):
     "corrupt,message",
     [
         (lambda b, i: (b, i[:-3]), "bytes, expected"),
+        (lambda b, i: (b, b""), "0 bytes is shorter than the 34-byte header"),
         (lambda b, i: (b, b"XXIDIDX\x00\x00" + i[9:]), "bad magic"),
         (lambda b, i: (b[:-2], i), "index expects"),
         (lambda b, i: (b, i[:9] + struct.pack("<Q", 2) + i[17:]), "unsupported version"),
@@ -151,3 +160,148 @@ def test_megatron_reads_ours_and_we_read_megatrons(tmp_path):
     assert len(shard) == 40 and all(np.array_equal(shard[i], docs[i]) for i in range(40))
     assert (tmp_path / "meg.idx").read_bytes() == (tmp_path / "ours.idx").read_bytes()
     assert (tmp_path / "meg.bin").read_bytes() == (tmp_path / "ours.bin").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------- manifests
+@pytest.fixture
+def dataset_copy(tmp_path, tiny_dataset):
+    """A copy of the tiny dataset to damage (the fixture itself is shared by the session)."""
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "ds"))
+
+
+def edit_manifest(root, edit):
+    manifest = json.loads((root / MANIFEST).read_text())
+    edit(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def shard_entry(m, split, i):
+    return m["splits"][split]["shards"][i]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda m: shard_entry(m, "train", 1).update(tokens="12"),
+            'splits.train.shards[1].tokens: expected a non-negative integer, got "12"',
+        ),
+        (
+            lambda m: shard_entry(m, "train", 0).update(documents=-1),
+            "splits.train.shards[0].documents: expected a non-negative integer, got -1",
+        ),
+        (lambda m: shard_entry(m, "val", 0).pop("bin_sha256"), "splits.val.shards[0].bin_sha256: missing"),
+        (
+            lambda m: shard_entry(m, "val", 0).update(idx_sha256="abc"),
+            'splits.val.shards[0].idx_sha256: expected a sha256 (64 hex digits), got "abc"',
+        ),
+        (lambda m: m["splits"]["val"].update(shards={}), "splits.val.shards: expected a list, got {}"),
+        (
+            lambda m: m["splits"]["train"].update(documents=True),
+            "splits.train.documents: expected a non-negative integer, got true",
+        ),
+        (
+            lambda m: m["tokenizer"].update(vocab_size="2000"),
+            'tokenizer.vocab_size: expected a positive integer, got "2000"',
+        ),
+        (lambda m: m["tokenizer"].update(sha256=None), "tokenizer.sha256: expected a sha256 (64 hex digits), got null"),
+        (lambda m: m["tokenizer"].pop("eod_id"), "tokenizer.eod_id: missing"),
+        (
+            lambda m: m.update(dtype="float16"),
+            'dtype: expected one of uint8, int8, int16, int32, int64, uint16, got "float16"',
+        ),
+        (lambda m: m["settings"].update(add_bos="no"), 'settings.add_bos: expected true or false, got "no"'),
+        (lambda m: m["settings"].update(val_fraction=2), "settings.val_fraction: expected a number in [0, 1), got 2"),
+        (lambda m: m.update(skipped=[]), "skipped: expected an object, got []"),
+        (
+            lambda m: m["skipped"].update(empty_document="3"),
+            'skipped.empty_document: expected a non-negative integer, got "3"',
+        ),
+        (lambda m: m["inputs"][0].pop("bytes"), "inputs[0].bytes: missing"),
+        (lambda m: m["splits"].update(val=[]), "splits.val: expected an object, got []"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_name_file_and_key(dataset_copy, edit, message):
+    edit_manifest(dataset_copy, edit)
+    with pytest.raises(ShardError) as e:
+        read_manifest(dataset_copy)
+    assert str(e.value) == f"{dataset_copy / MANIFEST}: {message}"
+
+
+@pytest.mark.parametrize("prefix", ["../../outside/x", "/etc/x", "train/../../x", "", 7])
+def test_manifest_shard_paths_stay_inside_the_dataset(dataset_copy, prefix):
+    edit_manifest(dataset_copy, lambda m: shard_entry(m, "train", 1).update(prefix=prefix))
+    with pytest.raises(
+        ShardError, match=r"manifest\.json: splits\.train\.shards\[1\]\.prefix: expected a relative path"
+    ):
+        read_manifest(dataset_copy)
+
+
+def test_symlinks_out_of_the_dataset_are_refused(dataset_copy, tmp_path):
+    assert verify_dataset(dataset_copy) == []
+    link = tmp_path / "link"
+    link.symlink_to(dataset_copy)  # a dataset reached through a symlink is still itself
+    assert verify_dataset(link) == []
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shard = dataset_copy / "train" / "shard_00001.bin"
+    shutil.move(shard, outside / shard.name)
+    shard.symlink_to(outside / shard.name)
+    (problem,) = verify_dataset(dataset_copy)
+    assert problem == f"{shard}: resolves to {outside / shard.name}, outside the dataset directory {dataset_copy}"
+    with pytest.raises(ShardError, match="outside the dataset directory"):
+        dataset_shard(dataset_copy, "train/shard_00001")
+    shard.unlink()
+    shutil.move(outside / shard.name, shard)
+    shutil.move(dataset_copy / "val", outside / "val")  # a split directory that is a symlink out of the dataset
+    (dataset_copy / "val").symlink_to(outside / "val")
+    problems = verify_dataset(dataset_copy)
+    assert problems and all("outside the dataset directory" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "key,value,problem",
+    [
+        ("dtype", "int32", r"train/shard_00000\.idx: dtype uint16, manifest says int32"),
+        ("dtype", "int32", r"manifest\.json: dtype is int32, but a vocab of 2000 needs uint16"),
+        ("settings.dtype", "int32", r"manifest\.json: settings\.dtype is int32, dtype is uint16"),
+        ("tokenizer.eod_id", 3, r"train/shard_00000\.bin: (\d+) of \1 documents do not end with the eod id 3"),
+        ("tokenizer.eod_id", 2000, r"manifest\.json: tokenizer\.eod_id 2000 is not below tokenizer\.vocab_size 2000"),
+        ("tokenizer.vocab_size", 70000, r"manifest\.json: dtype is uint16, but a vocab of 70000 needs int32"),
+        (
+            "settings.add_bos",
+            True,
+            r"train/shard_00000\.bin: (\d+) of \1 documents do not start with the bos id 1, but",
+        ),
+        (
+            "splits.val.shards.0.prefix",
+            "train/shard_00001",
+            r"shards\[0\]\.prefix is train/shard_00001, already listed",
+        ),
+        ("settings.shard_tokens", 50000, r"train/shard_00000\.bin: [\d,]+ tokens before its last document"),
+        ("settings.shard_tokens", 200000, r"train/shard_00000\.bin: [\d,]+ tokens, fewer than settings\.shard_tokens"),
+        ("splits.train.shards.1.bin_bytes", 5, r"train/shard_00001\.bin: [\d,]+ bytes, manifest says 5$"),
+    ],
+)
+def test_verify_checks_what_the_files_can_contradict(dataset_copy, key, value, problem):
+    def edit(m):
+        target = m
+        *parents, last = key.split(".")
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        target[last] = value
+
+    edit_manifest(dataset_copy, edit)
+    problems = verify_dataset(dataset_copy, checksums=False)
+    assert any(re.search(problem, p) for p in problems), problems
+
+
+def test_verify_reports_shard_files_no_entry_lists(dataset_copy):
+    def drop_val(m):
+        m["splits"]["val"].update(documents=0, tokens=0, shards=[])
+
+    edit_manifest(dataset_copy, drop_val)
+    assert verify_dataset(dataset_copy) == [
+        f"{dataset_copy / 'val' / name}: a shard file that no manifest entry lists (a removed entry?)"
+        for name in ("shard_00000.bin", "shard_00000.idx")
+    ]
