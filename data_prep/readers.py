@@ -4,21 +4,32 @@ Supported inputs (compressed ones are decompressed as streams, so memory stays b
   .txt, .txt.gz, .txt.zst          one file is one document
   .jsonl, .jsonl.gz, .jsonl.zst    one JSON object per line; the document is its `text_field` (default "text")
 
+Directories are searched recursively, and so is `**` in a glob; neither enters a symlinked directory (it is
+logged instead), so a symlink loop cannot make the search endless. Symlinks to files are read, and a symlinked
+directory named as an input, or matched by a glob component other than `**`, is searched.
+
 Bad input (invalid UTF-8, malformed JSON, a missing or non-string text field, an empty document, a truncated or
-corrupt compressed stream) raises `InputError` naming the file and line under `on_error="fail"`; under "skip" it
-is counted in `CorpusReader.skipped` by reason, logged, and reading goes on.
+corrupt compressed stream, a file or directory that cannot be read) raises `InputError` naming the file and line
+under `on_error="fail"`; under "skip" it is counted in `CorpusReader.skipped` by reason, logged, and reading goes
+on. zstd detects corruption only in frames written with a content checksum (`zstd` writes one by default,
+python-zstandard does not); files with frames without one are logged and listed in `CorpusReader.unchecked`.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import glob
 import gzip
 import json
 import logging
+import os
+import stat
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -33,12 +44,32 @@ CHUNK = 1 << 20
 OnError = Literal["fail", "skip"]  # bad input: stop with an error, or skip it and count it
 ON_ERROR: tuple[str, ...] = get_args(OnError)
 # Reasons a document or file is skipped; the manifest and the summary count each.
-REASONS = ("invalid_utf8", "malformed_json", "missing_field", "bad_field_type", "empty_document", "truncated_stream")
+REASONS = (
+    "invalid_utf8",
+    "malformed_json",
+    "missing_field",
+    "bad_field_type",
+    "empty_document",
+    "truncated_stream",
+    "unreadable",  # a file or directory that cannot be opened or read, or a path that is not a regular file
+)
 WARN_LIMIT = 10  # warnings logged per reason before they are only counted
+INPUTS_HELP = (
+    "files, directories or globs (.txt, .jsonl, with .gz or .zst); directories and ** are searched recursively "
+    "without entering symlinked directories"
+)
+ZSTD_MAGIC = 0xFD2FB528
 
 
 class InputError(ValueError):
     """Unusable input, with the file (and line) it came from."""
+
+
+Bad = Callable[[str, str, str], None]  # bad(reason, where, message): the bad-input policy (`CorpusReader.bad`)
+
+
+def _fail(reason: str, where: str, message: str) -> None:
+    raise InputError(f"{where}: {message}")
 
 
 @dataclass
@@ -52,34 +83,18 @@ def supported(path: Path) -> bool:
     return path.name.endswith(SUPPORTED)
 
 
-def expand_inputs(specs: list[str]) -> list[Path]:
+def expand_inputs(specs: list[str], *, bad: Bad = _fail) -> list[Path]:
     """Files, directories (searched recursively for supported files) and globs -> a sorted, de-duplicated list.
 
     A path that does not exist, a glob that matches nothing, an unsupported file named explicitly and a
-    directory without any supported file are errors.
+    directory without any supported file are errors. What exists but cannot be read (a directory or file without
+    permission, a FIFO, a dangling symlink) goes to `bad` with the reason "unreadable".
     """
     if not specs:
         raise InputError("no inputs given")
     out: list[Path] = []
     for spec in specs:
-        if glob.has_magic(spec):
-            matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
-            files = [p for p in matches if p.is_file() and supported(p)]
-            if not files:
-                raise InputError(f"{spec}: the pattern matches no supported file ({', '.join(SUPPORTED)})")
-        else:
-            path = Path(spec)
-            if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file() and supported(p))
-                if not files:
-                    raise InputError(f"{spec}: the directory holds no supported file ({', '.join(SUPPORTED)})")
-            elif path.is_file():
-                if not supported(path):
-                    raise InputError(f"{spec}: unsupported file type (supported: {', '.join(SUPPORTED)})")
-                files = [path]
-            else:
-                raise InputError(f"{spec}: no such file or directory")
-        out += files
+        out += _expand(spec, bad)
     seen: set[Path] = set()
     unique = []
     for p in out:
@@ -88,6 +103,115 @@ def expand_inputs(specs: list[str]) -> list[Path]:
             seen.add(key)
             unique.append(p)
     return unique
+
+
+def _expand(spec: str, bad: Bad) -> list[Path]:
+    problems: list[str] = []  # what went to `bad`: a spec with unreadable parts is not "empty"
+
+    def report(reason: str, where: str, message: str) -> None:
+        problems.append(where)
+        bad(reason, where, message)
+
+    path = Path(spec)
+    if glob.has_magic(spec):
+        files = sorted(p for p in _glob(spec, report) if supported(p) and _readable_file(p, report))
+        if not files and not problems:
+            raise InputError(f"{spec}: the pattern matches no supported file ({', '.join(SUPPORTED)})")
+    elif os.path.isdir(path):
+        files = sorted(d / name for d, names in _walk(path, report) for name in names)
+        files = [p for p in files if supported(p) and _readable_file(p, report)]
+        if not files and not problems:
+            raise InputError(f"{spec}: the directory holds no supported file ({', '.join(SUPPORTED)})")
+    elif _readable_file(path, report):
+        if not supported(path):
+            raise InputError(f"{spec}: unsupported file type (supported: {', '.join(SUPPORTED)})")
+        files = [path]
+    elif not problems:
+        raise InputError(f"{spec}: no such file or directory")
+    else:
+        files = []
+    return files
+
+
+def _readable_file(path: Path, bad: Bad) -> bool:
+    """Whether `path` is a regular file (symlinks followed) that can be opened. What exists but is not one goes to
+    `bad`, so that what a run reads is settled before it starts (--resume checks the list); a missing path and a
+    directory are just not files."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if os.path.islink(path) and e.errno == errno.ENOENT:
+            bad("unreadable", str(path), "a symlink to a missing file")
+        elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            bad("unreadable", str(path), f"cannot read ({e.strerror})")
+        return False
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        bad("unreadable", str(path), "not a regular file")
+        return False
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as e:
+        bad("unreadable", str(path), f"cannot open ({e.strerror})")
+        return False
+    return True
+
+
+def _walk(top: Path, bad: Bad, *, hidden: bool = True) -> Iterator[tuple[Path, list[str]]]:
+    """(directory, its file names) for `top` and every directory below it, sorted, like os.walk; symlinked
+    directories are logged and not entered, nor (unless `hidden`) names starting with a dot. A directory that
+    cannot be read goes to `bad`."""
+
+    def unreadable(e: OSError) -> None:
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):  # gone since it was listed: nothing to read
+            bad("unreadable", str(e.filename), f"cannot read the directory ({e.strerror})")
+
+    for d, dirs, files in os.walk(top, onerror=unreadable):
+        keep = []
+        for name in sorted(dirs):
+            if not hidden and name.startswith("."):
+                continue
+            if os.path.islink(os.path.join(d, name)):
+                log.warning("%s: a symlinked directory, not searched (name it as an input to read it)", Path(d, name))
+            else:
+                keep.append(name)
+        dirs[:] = keep  # what os.walk goes on to enter
+        yield Path(d), sorted(f for f in files if hidden or not f.startswith("."))
+
+
+def _glob(pattern: str, bad: Bad) -> list[Path]:
+    """glob.glob(pattern, recursive=True), one path component at a time (hidden names only match a pattern that
+    starts with a dot), except that `**` does not enter symlinked directories and unreadable directories go to
+    `bad` instead of being passed over."""
+    parts = Path(pattern).parts
+    if parts[-1] == "**":
+        parts += ("*",)  # a final ** matches everything below; only files are wanted
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    paths = [Path(*parts[:first])]
+    for part in parts[first:]:
+        if part == "**":
+            paths = [d for top in paths for d, _ in _walk(top, bad, hidden=False)]
+        elif glob.has_magic(part):
+            paths = [
+                p / name
+                for p in paths
+                for name in _listdir(p, bad)
+                if fnmatch.fnmatchcase(name, part) and (part.startswith(".") or not name.startswith("."))
+            ]
+        else:
+            paths = [p / part for p in paths]
+    return paths
+
+
+def _listdir(d: Path, bad: Bad) -> list[str]:
+    try:
+        return sorted(os.listdir(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        bad("unreadable", str(d), f"cannot read the directory ({e.strerror})")
+        return []
 
 
 class TruncatedStream(Exception):
@@ -99,15 +223,20 @@ def _raw_chunks(f) -> Iterator[bytes]:
         yield chunk
 
 
-def _zstd_chunks(f) -> Iterator[bytes]:
-    """Decompress every frame of a .zst file; a stream that ends inside a frame raises TruncatedStream.
+def _zstd_chunks(f, unchecked: Callable[[], None]) -> Iterator[bytes]:
+    """Decompress every frame of a .zst file; a stream that ends inside a frame raises TruncatedStream, and
+    `unchecked()` is called for each frame that carries no content checksum (its corruption goes undetected).
 
     (zstandard's stream_reader treats a truncated frame as a normal end of data, hence this loop.)
     """
     dctx = zstandard.ZstdDecompressor()
-    dobj, in_frame = dctx.decompressobj(), False
+    dobj, in_frame, head = dctx.decompressobj(), False, b""
     for chunk in _raw_chunks(f):
         while chunk:
+            if len(head) < 5:  # RFC 8878: the 4-byte magic number, then the Frame_Header_Descriptor
+                head += chunk[: 5 - len(head)]
+                if len(head) == 5 and int.from_bytes(head[:4], "little") == ZSTD_MAGIC and not head[4] & 0x04:
+                    unchecked()  # bit 2 of the descriptor: Content_Checksum_flag (skippable frames hold no content)
             try:
                 out = dobj.decompress(chunk)
             except zstandard.ZstdError as e:
@@ -116,7 +245,7 @@ def _zstd_chunks(f) -> Iterator[bytes]:
             if out:
                 yield out
             if dobj.eof:
-                chunk, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+                chunk, dobj, in_frame, head = dobj.unused_data, dctx.decompressobj(), False, b""
             else:
                 chunk = b""
     if in_frame:
@@ -165,26 +294,57 @@ class CorpusReader:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.paths, self.text_field, self.on_error = paths, text_field, on_error
         self.skipped: Counter[str] = Counter()
+        self.unreadable: list[str] = []  # files and directories skipped as unreadable
+        self.unchecked: list[str] = []  # .zst files with frames that carry no content checksum
         self.raw_bytes_read = 0
-        self.total_raw_bytes = sum(p.stat().st_size for p in paths)
+
+    @classmethod
+    def from_inputs(cls, specs: list[str], *, text_field: str = "text", on_error: OnError = "fail") -> CorpusReader:
+        """A reader of files, directories and globs (see `expand_inputs`), expanded under its own policy: an
+        unreadable directory or file met on the way fails the run or is skipped and counted like other bad input."""
+        reader = cls([], text_field=text_field, on_error=on_error)
+        reader.paths = expand_inputs(specs, bad=reader.bad)
+        return reader
+
+    @cached_property
+    def total_raw_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
 
     def bad(self, reason: str, where: str, message: str) -> None:
         """Fail, or count and log, one bad item."""
         if self.on_error == "fail":
             raise InputError(f"{where}: {message} (pass --on-error=skip to skip such input and count it)")
+        if reason == "unreadable":
+            if where in self.unreadable:
+                return  # met again through another input that covers it
+            self.unreadable.append(where)
         self.skipped[reason] += 1
         if self.skipped[reason] <= WARN_LIMIT:
             log.warning("skipped %s: %s", where, message)
             if self.skipped[reason] == WARN_LIMIT:
                 log.warning("further '%s' items are counted but not logged", reason)
 
+    def _unchecked(self, path: Path) -> None:
+        if self.unchecked and self.unchecked[-1] == str(path):
+            return  # one note per file
+        self.unchecked.append(str(path))
+        if len(self.unchecked) <= WARN_LIMIT:
+            log.warning("%s: zstd frames without a content checksum: corruption in them cannot be detected", path)
+            if len(self.unchecked) == WARN_LIMIT:
+                log.warning("further .zst files without checksums are listed but not logged")
+
     def __iter__(self) -> Iterator[Document]:
         for path in self.paths:
-            with open(path, "rb") as raw:
+            try:
+                raw = open(path, "rb")
+            except OSError as e:  # no permission, removed since it was listed, ...
+                self.bad("unreadable", str(path), f"cannot open ({e.strerror})")
+                continue
+            with raw:
                 f = _Counting(raw, self)
                 name = path.name
                 chunks = (
-                    _zstd_chunks(f)
+                    _zstd_chunks(f, partial(self._unchecked, path))
                     if name.endswith(".zst")
                     else _gzip_chunks(f)
                     if name.endswith(".gz")
@@ -195,6 +355,8 @@ class CorpusReader:
                     yield from docs
                 except TruncatedStream as e:
                     self.bad("truncated_stream", str(path), f"{e}; the rest of the file is lost")
+                except OSError as e:  # an I/O error: a failing disk, a network file system gone away
+                    self.bad("unreadable", str(path), f"read error ({e.strerror}); the rest of the file is lost")
 
     def _text_file(self, path: Path, chunks: Iterator[bytes]) -> Iterator[Document]:
         data = b"".join(chunks)

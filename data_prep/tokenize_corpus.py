@@ -4,6 +4,14 @@ The main process reads documents in order, assigns each to train or val by a has
 to worker processes that run sentencepiece; results are written back in submission order. The output bytes thus
 depend only on the inputs and the settings, never on the number of workers or the batch size.
 
+A document longer than PIECE_CHARS characters is encoded in pieces cut at word boundaries, so sentencepiece's
+memory (about 40 bytes per character it is handed at once) stays bounded; with the tokenizers train-tokenizer makes,
+the ids are those of encoding it whole (see `LongTextEncoder`).
+
+Inputs: see `data_prep.readers` (directories and `**` globs are searched without entering symlinked directories;
+unreadable files and directories follow --on-error like other bad input; .zst frames without a content checksum
+are reported, as zstd cannot detect their corruption).
+
 Crash safety: shards are written under temporary names and renamed when complete; after each finished shard a
 progress record (`.progress.json`) is replaced atomically; `manifest.json` is written last. `--resume` continues
 from the completed shards (re-reading, but not re-tokenizing, the documents they hold).
@@ -15,6 +23,7 @@ CLI (`python -m data_prep tokenize`) only turns its arguments into those setting
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,12 +35,15 @@ import sys
 import time
 from array import array
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
-from data_prep.readers import ON_ERROR, REASONS, CorpusReader, InputError, OnError, expand_inputs
+from data_prep.readers import INPUTS_HELP, ON_ERROR, REASONS, CorpusReader, InputError, OnError
 from pretrain import __version__
 from pretrain.fileutil import sha256_file, tmp_name, write_json_atomic
 from pretrain.shards import (
@@ -52,6 +64,7 @@ LOCK = ".lock"
 SPLITS = ("train", "val")
 SPLIT_RULE = "val iff int.from_bytes(blake2b(utf8(text), digest_size=8, salt=seed as 16 bytes LE), 'little') < val_fraction * 2**64"
 EXIT_INTERRUPTED = 130
+PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of at most this many characters
 
 
 class OutputError(RuntimeError):
@@ -117,6 +130,42 @@ def split_salt(seed: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------- workers
+class LongTextEncoder:
+    """Encodes a text in pieces of at most `piece_chars` characters, so that sentencepiece's memory (about 40 bytes
+    per character it is handed at once) stays bounded whatever the length of the text.
+
+    A piece ends at a word boundary (a space after a non-space); the next starts after that space, which its dummy
+    prefix ("▁") stands for. A model trained with split_by_whitespace (sentencepiece's default, and train-tokenizer's)
+    has no piece that spans a word boundary, so the ids are exactly those of the whole text. Where no space is in
+    reach (e.g. Chinese), a piece ends after its last newline, else anywhere, and the next is encoded without the
+    dummy prefix: the text is kept exactly, and the ids are the whole text's unless a piece of the model spans the
+    cut (train-tokenizer's models have no piece with a newline).
+    """
+
+    def __init__(self, sp: spm.SentencePieceProcessor):
+        proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+        self.sp, self.dummy = sp, proto.normalizer_spec.add_dummy_prefix
+        proto.normalizer_spec.add_dummy_prefix = False
+        self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())  # for text after a cut
+
+    def encode(self, text: str, piece_chars: int) -> Iterator[list[int]]:
+        """The ids of `text`, a piece at a time."""
+        start, sp = 0, self.sp
+        while len(text) - start > piece_chars:
+            end = start + piece_chars
+            cut = text.rfind(" ", start + 1, end)
+            while cut > start and text[cut - 1] == " ":
+                cut -= 1  # a run of spaces starts the next piece, as "▁▁" pieces may exist
+            if cut > start:
+                yield sp.encode(text[start:cut], out_type=int)
+                start, sp = (cut + 1 if self.dummy else cut), self.sp  # the dummy prefix stands for the space
+            else:
+                cut = text.rfind("\n", start, end) + 1 or end
+                yield sp.encode(text[start:cut], out_type=int)
+                start, sp = cut, self.sp_cont
+        yield sp.encode(text[start:], out_type=int)
+
+
 _worker: dict = {}
 
 
@@ -124,26 +173,33 @@ def _init_worker(model_path: str, dtype: str, add_bos: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
     tok = Tokenizer(model_path)
     _worker.update(
-        sp=tok.sp, eod=tok.eod_id, bos=tok.bos_id if add_bos else None, code="H" if dtype == "uint16" else "i"
+        sp=tok.sp,
+        long=LongTextEncoder(tok.sp),
+        eod=tok.eod_id,
+        bos=tok.bos_id if add_bos else None,
+        code="H" if dtype == "uint16" else "i",
     )
 
 
 def encode_batch(batch: dict[str, list[str]]) -> dict[str, tuple[bytes, np.ndarray]]:
     """Tokenize each split's documents; returns per split the concatenated tokens (with EOD) and the lengths."""
-    sp, eod, bos, code = _worker["sp"], _worker["eod"], _worker["bos"], _worker["code"]
+    sp, long, eod, bos, code = _worker["sp"], _worker["long"], _worker["eod"], _worker["bos"], _worker["code"]
     out = {}
     for split, texts in batch.items():
         if not texts:
             continue
-        ids = sp.encode(texts, out_type=int, num_threads=1)  # one thread per worker: workers are the parallelism
+        # one thread per worker: workers are the parallelism
+        short = iter(sp.encode([t for t in texts if len(t) <= PIECE_CHARS], out_type=int, num_threads=1))
         tokens = array(code)
-        lengths = np.empty(len(ids), dtype=np.int32)
-        for i, doc in enumerate(ids):
+        lengths = np.empty(len(texts), dtype=np.int32)
+        for i, text in enumerate(texts):
+            begin = len(tokens)
             if bos is not None:
                 tokens.append(bos)
-            tokens.fromlist(doc)  # fromlist: about twice as fast as extend for a list
+            for ids in [next(short)] if len(text) <= PIECE_CHARS else long.encode(text, PIECE_CHARS):
+                tokens.fromlist(ids)  # fromlist: about twice as fast as extend for a list
             tokens.append(eod)
-            lengths[i] = len(doc) + 1 + (bos is not None)
+            lengths[i] = len(tokens) - begin
         if sys.byteorder != "little":
             tokens.byteswap()
         out[split] = (tokens.tobytes(), lengths)
@@ -215,11 +271,24 @@ def _refuse_changes(path: Path, old: dict, new: dict, what: str) -> None:
 
 
 def lock_output(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK, "w")
+    """Create `out` if needed and hold its lock file for this run (OutputError if another run holds it)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is not a directory" if blocker else e.strerror
+        raise OutputError(f"{out}: cannot be used as the output directory ({why})") from None
+    path = out / LOCK
+    try:  # never through a symlink, never truncating: a planted link must not clobber (or create) its target
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        why = "is a symlink; remove it" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
+        raise OutputError(f"{path}: {why}") from None
+    f = os.fdopen(fd, "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        f.close()
         raise OutputError(f"{out}: another tokenize run is writing here") from None
     return f
 
@@ -253,7 +322,8 @@ def batches(
 def run(settings: TokenizeSettings) -> dict:
     """Tokenize `settings.inputs` into `settings.output`; returns the manifest written."""
     t0 = time.perf_counter()
-    paths = expand_inputs(settings.inputs)
+    reader = CorpusReader.from_inputs(settings.inputs, text_field=settings.text_field, on_error=settings.on_error)
+    paths = reader.paths
     tok = Tokenizer(settings.tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     out = Path(settings.output)
@@ -289,7 +359,6 @@ def run(settings: TokenizeSettings) -> dict:
             s: SplitWriter(out, s, dtype, settings.shard_tokens, first_index=len(done[s]), on_shard=record_shard)
             for s in SPLITS
         }
-        reader = CorpusReader(paths, text_field=settings.text_field, on_error=settings.on_error)
         stats = {s: {"documents": 0, "text_bytes": 0} for s in SPLITS}
         if any(done.values()):
             log.info("resuming: %s", ", ".join(f"{len(done[s])} {s} shard(s)" for s in SPLITS))
@@ -312,6 +381,8 @@ def run(settings: TokenizeSettings) -> dict:
             "split_rule": SPLIT_RULE,
             "inputs": inputs,
             "skipped": {r: reader.skipped.get(r, 0) for r in REASONS},
+            "unreadable": reader.unreadable,  # files and directories skipped as unreadable (--on-error=skip)
+            "zstd_without_checksum": reader.unchecked,  # .zst inputs whose corruption zstd could not detect
             "splits": {
                 s: {
                     "documents": sum(i.documents for i in shards[s]),
@@ -413,9 +484,20 @@ def print_summary(out: Path, manifest: dict, *, elapsed: float, new_tokens: int,
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
     skipped = {k: v for k, v in manifest["skipped"].items() if v}
     print("skipped:", ", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "none")
+    for key, what in (
+        ("unreadable", "unreadable, not read"),
+        ("zstd_without_checksum", "zstd frames without a checksum (corruption in them goes undetected)"),
+    ):
+        if manifest[key]:
+            print(f"{what}: {_some(manifest[key])}")
     print(
         f"{elapsed:.1f} s, {new_tokens / elapsed / 1e6:.2f}M tokens/s, {raw_bytes / elapsed / 1e6:.1f} MB/s of input -> {out / MANIFEST}"
     )
+
+
+def _some(paths: list[str], limit: int = 5) -> str:
+    more = f" and {len(paths) - limit} more (see {MANIFEST})" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -438,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", help="files, directories or globs (.txt, .jsonl, with .gz or .zst)")
+    p.add_argument("inputs", nargs="+", help=INPUTS_HELP)
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file (from `data_prep train-tokenizer`)")
     p.add_argument("--output", required=True, help="dataset directory to write (train/, val/, manifest.json)")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs (default: text)")
@@ -469,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-error",
         choices=ON_ERROR,
         default="fail",
-        help="bad input: stop with an error, or skip and count it (default: fail)",
+        help="bad input (malformed or truncated data, an unreadable file or directory): stop with an error, or skip "
+        "and count it (default: fail)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its completed shards")

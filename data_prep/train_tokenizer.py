@@ -27,7 +27,7 @@ from typing import Literal, get_args
 
 import sentencepiece as spm
 
-from data_prep.readers import ON_ERROR, CorpusReader, InputError, OnError, expand_inputs
+from data_prep.readers import INPUTS_HELP, ON_ERROR, CorpusReader, InputError, OnError
 from pretrain import __version__
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
 
@@ -121,8 +121,8 @@ def train(settings: TokenizerSettings) -> dict:
     if existing and not settings.overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = expand_inputs(settings.inputs)
-    reader = CorpusReader(paths, text_field=settings.text_field, on_error=settings.on_error)
+    reader = CorpusReader.from_inputs(settings.inputs, text_field=settings.text_field, on_error=settings.on_error)
+    paths = reader.paths
     t0 = time.perf_counter()
     sample, seen = sample_lines(reader, k=settings.sample_lines, max_bytes=settings.max_line_bytes, seed=settings.seed)
     if not sample:
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", help="files, directories or globs (.txt, .jsonl, with .gz or .zst)")
+    p.add_argument("inputs", nargs="+", help=INPUTS_HELP)
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab, PREFIX.json")
     p.add_argument(
         "--vocab-size",

@@ -1,12 +1,17 @@
+import errno
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import zstandard
 
+from data_prep import readers
 from data_prep.readers import CorpusReader, InputError, expand_inputs
 
-from ..helpers import write_jsonl
+from ..helpers import REPO, write_jsonl
 
 
 def read(paths, **kw):
@@ -126,3 +131,96 @@ def test_raw_bytes_counted_for_progress(tmp_path):
     zp.write_bytes(zstandard.ZstdCompressor().compress(p.read_bytes()))
     _, reader = read([p, zp])
     assert reader.raw_bytes_read == reader.total_raw_bytes == p.stat().st_size + zp.stat().st_size
+
+
+def test_recursive_search_does_not_enter_symlinked_directories(tmp_path):
+    corpus, data = tmp_path / "corpus", tmp_path / "data"
+    (corpus / "sub").mkdir(parents=True)
+    data.mkdir()
+    for path in [corpus / "a.txt", corpus / "sub" / "b.jsonl", data / "c.txt"]:
+        path.write_text("x")
+    (corpus / "self").symlink_to(".")  # two loops: a search that follows them branches for ever
+    (corpus / "sub" / "up").symlink_to("..")
+    (corpus / "elsewhere").symlink_to(data)
+    (corpus / "link.txt").symlink_to(data / "c.txt")  # a symlinked file is read
+    code = "import json, sys; from data_prep.readers import expand_inputs; print(json.dumps([str(p) for p in expand_inputs(sys.argv[1:])]))"
+    expected = {
+        corpus: ["a.txt", "link.txt", "sub/b.jsonl"],
+        corpus / "**": ["a.txt", "link.txt", "sub/b.jsonl"],
+        corpus / "**" / "*.txt": ["a.txt", "link.txt"],
+        corpus / "elsewhere": ["elsewhere/c.txt"],  # named, a symlinked directory is searched
+        corpus / "*" / "c.txt": ["elsewhere/c.txt"],  # and so it is by a glob component other than **
+    }
+    for spec, want in expected.items():
+        # in a child process: the old glob never came back
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(spec)], capture_output=True, text=True, timeout=20, cwd=REPO
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == [str(corpus / p) for p in want], spec
+        if spec in (corpus, corpus / "**"):
+            for link in ["elsewhere", "self", "sub/up"]:
+                assert f"{corpus / link}: a symlinked directory, not searched" in proc.stderr
+
+
+def test_paths_that_are_not_readable_files_follow_the_policy(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("fine")
+    (corpus / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    os.mkfifo(corpus / "pipe.jsonl")  # opening it would wait for a writer for ever
+    with pytest.raises(InputError, match="gone.txt: a symlink to a missing file"):
+        expand_inputs([str(corpus)])
+    with pytest.raises(InputError, match="pipe.jsonl: not a regular file"):
+        expand_inputs([str(corpus / "pipe.jsonl")])
+    with pytest.raises(InputError, match="gone.txt: a symlink to a missing file .*--on-error=skip"):
+        CorpusReader.from_inputs([str(corpus)])
+    reader = CorpusReader.from_inputs([str(corpus)], on_error="skip")
+    assert [d.text for d in reader] == ["fine"]
+    assert reader.skipped == {"unreadable": 2}
+    assert reader.unreadable == [str(corpus / "gone.txt"), str(corpus / "pipe.jsonl")]
+
+
+def test_file_gone_or_failing_while_read_follows_the_policy(tmp_path, monkeypatch):
+    a = write_jsonl(tmp_path / "a.jsonl", ["one"])
+    gone = write_jsonl(tmp_path / "gone.jsonl", ["two"])
+    reader = CorpusReader([a, gone])
+    gone.unlink()  # after it was listed
+    with pytest.raises(InputError, match=r"gone.jsonl: cannot open \(No such file or directory\)"):
+        list(reader)
+    texts, reader = read([a, gone], on_error="skip")
+    assert texts == ["one"] and reader.skipped == {"unreadable": 1} and reader.unreadable == [str(gone)]
+
+    def failing_disk(f):
+        yield f.read(len(b'{"text": "one", "id": 0}\n'))
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(readers, "_raw_chunks", failing_disk)
+    b = write_jsonl(tmp_path / "b.jsonl", ["one", "two"])
+    with pytest.raises(InputError, match=r"b.jsonl: read error \(Input/output error\); the rest of the file is lost"):
+        read([b])
+    texts, reader = read([b], on_error="skip")
+    assert texts == ["one"] and reader.skipped == {"unreadable": 1}
+
+
+def test_zstd_frames_without_checksum_are_noted(tmp_path, monkeypatch, caplog):
+    raw = write_jsonl(tmp_path / "a.jsonl", ["one", "two"]).read_bytes()
+    checked, unchecked = zstandard.ZstdCompressor(write_checksum=True), zstandard.ZstdCompressor(write_checksum=False)
+    files = {
+        "checked.jsonl.zst": checked.compress(raw[:10]) + checked.compress(raw[10:]),
+        "unchecked.jsonl.zst": unchecked.compress(raw),
+        "second_frame_unchecked.jsonl.zst": checked.compress(raw[:10]) + unchecked.compress(raw[10:]),
+    }
+    paths = []
+    for name, data in files.items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(data)
+    for chunk in (1 << 20, 3):  # 3: frame headers cut across reads
+        monkeypatch.setattr(readers, "CHUNK", chunk)
+        caplog.clear()
+        texts, reader = read(paths)
+        assert texts == ["one", "two"] * 3
+        assert reader.unchecked == [str(paths[1]), str(paths[2])]
+        for p in paths[1:]:
+            assert f"{p}: zstd frames without a content checksum" in caplog.text
+        assert str(paths[0]) not in caplog.text

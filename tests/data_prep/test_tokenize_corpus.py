@@ -1,6 +1,8 @@
 import gzip
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 import zstandard
 
 from data_prep import tokenize_corpus
-from data_prep.tokenize_corpus import TokenizeSettings, build_parser, is_val, run, split_salt
+from data_prep.tokenize_corpus import LongTextEncoder, TokenizeSettings, build_parser, is_val, run, split_salt
 from pretrain.shards import IndexedShard, manifest_shards, read_manifest, verify_dataset
 
 from ..helpers import TRICKY, dataset_files, tokenize, write_jsonl
@@ -303,3 +305,123 @@ def test_bad_setting_on_the_command_line_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m data_prep tokenize")
     assert err.endswith("error: --batch-mb must be positive, got -1.0\n")
+
+
+def unprivileged(probe) -> list[str]:
+    """A command prefix under which file permissions apply. The tests run as root (here and in CI) and root ignores
+    permission bits, unless its capabilities to do so are dropped; `probe`, a file without permissions, checks it."""
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root, and setpriv (util-linux), needed to drop root's file access, is missing")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    proc = subprocess.run([*prefix, sys.executable, "-c", f"open({str(probe)!r})"], capture_output=True, text=True)
+    assert "PermissionError" in proc.stderr, proc.stderr
+    return prefix
+
+
+def test_unreadable_file_and_directory_follow_on_error(tmp_path, tokenizer_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "locked_dir").mkdir(parents=True)
+    good = write_jsonl(corpus / "good.jsonl", ["a fine document"] * 3)
+    write_jsonl(corpus / "locked_dir" / "inside.jsonl", ["never read"])
+    locked = write_jsonl(corpus / "locked.jsonl", ["never read either"])
+    for path in (locked, corpus / "locked_dir"):
+        path.chmod(0)
+    prefix = unprivileged(locked)
+
+    def cli(inputs, name, *extra):
+        cmd = [*prefix, sys.executable, "-m", "data_prep", "tokenize", *map(str, inputs)]
+        cmd += ["--tokenizer", str(tokenizer_path), "--output", str(tmp_path / name), "--workers", "1", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    try:
+        proc = cli([good, locked], "file")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"error: {locked}: cannot open (Permission denied) (pass --on-error=skip" in proc.stderr
+        proc = cli([corpus / "**" / "*.jsonl"], "dir")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"error: {corpus / 'locked_dir'}: cannot read the directory (Permission denied)" in proc.stderr
+        assert not list(tmp_path.glob("*/manifest.json"))
+        proc = cli([corpus], "skip", "--on-error", "skip")
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        for path in (locked, corpus / "locked_dir"):
+            path.chmod(0o755)
+    manifest = read_manifest(tmp_path / "skip")
+    assert {k: v for k, v in manifest["skipped"].items() if v} == {"unreadable": 2}
+    assert manifest["unreadable"] == [str(corpus / "locked_dir"), str(locked)]
+    assert [i["path"] for i in manifest["inputs"]] == [str(good)]  # known before reading: --resume checks it
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 3
+    assert "skipped: unreadable=2" in proc.stdout
+    assert f"unreadable, not read: {corpus / 'locked_dir'}, {locked}" in proc.stdout
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under_a_file"])
+def test_output_in_the_way_of_a_directory_is_refused(tmp_path, corpus, tokenizer_path, capsys, under):
+    blocker = tmp_path / "somefile"
+    blocker.write_text("not a directory")
+    out = blocker / "out" if under else blocker
+    assert tokenize([corpus[0]], out, tokenizer_path) == 1
+    assert (
+        f"error: {out}: cannot be used as the output directory ({blocker} is not a directory)"
+        in capsys.readouterr().err
+    )
+    assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("target_exists", [True, False])
+def test_lock_file_symlink_is_not_followed(tmp_path, corpus, tokenizer_path, capsys, target_exists):
+    victim = tmp_path / "victim.txt"
+    if target_exists:
+        victim.write_text("precious")
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    assert tokenize([corpus[0]], out, tokenizer_path) == 1
+    assert f"error: {out / '.lock'}: is a symlink; remove it" in capsys.readouterr().err
+    assert (victim.read_text() == "precious") if target_exists else not victim.exists()
+    (out / ".lock").unlink()
+    assert tokenize([corpus[0]], out, tokenizer_path) == 0
+
+
+def test_zstd_without_checksum_is_reported(tmp_path, corpus, tokenizer_path, capsys, caplog):
+    lines = corpus[0].read_bytes().splitlines(keepends=True)
+    half = len(lines) // 2
+    unchecked, checked = tmp_path / "a.jsonl.zst", tmp_path / "b.jsonl.zst"
+    unchecked.write_bytes(zstandard.ZstdCompressor(write_checksum=False).compress(b"".join(lines[:half])))
+    checked.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(b"".join(lines[half:])))
+    out = tmp_path / "ds"
+    argv = [str(unchecked), str(checked), "--tokenizer", str(tokenizer_path), "--output", str(out)]
+    assert tokenize_corpus.main(argv) == 0  # not --quiet: the summary
+    summary = capsys.readouterr().out
+    assert f"zstd frames without a checksum (corruption in them goes undetected): {unchecked}\n" in summary
+    assert f"{unchecked}: zstd frames without a content checksum" in caplog.text
+    assert str(checked) not in caplog.text
+    assert read_manifest(out)["zstd_without_checksum"] == [str(unchecked)]
+
+
+def test_long_document_in_pieces_is_encoded_as_a_whole(tokenizer, speeches):
+    text = "\n".join(TRICKY) + "".join(p.read_text(encoding="utf-8") for p in speeches[40:42]) + " ends  with  spaces  "
+    whole = tokenizer.sp.encode(text, out_type=int)
+    long = LongTextEncoder(tokenizer.sp)
+    for piece_chars in (40, 1000, 50000):
+        pieces = list(long.encode(text, piece_chars))
+        assert len(pieces) > len(text) / piece_chars
+        assert [i for ids in pieces for i in ids] == whole, piece_chars
+    # text without spaces is cut after a newline, else anywhere: the text survives; the ids at a newline are exact
+    lines = "".join(f"日本語のテキスト{i}。\n" for i in range(200))
+    assert [i for ids in long.encode(lines, 100) for i in ids] == tokenizer.sp.encode(lines, out_type=int)
+    line = lines.replace("\n", "")
+    assert tokenizer.decode([i for ids in long.encode(line, 100) for i in ids]) == line
+
+
+def test_long_documents_give_the_same_shards(tmp_path, speeches, tokenizer_path, monkeypatch):
+    args = ["--workers", "2", "--val-fraction", "0.3", "--shard-tokens", "5000"]
+    assert tokenize(speeches[:8], tmp_path / "whole", tokenizer_path, *args) == 0
+    monkeypatch.setattr(tokenize_corpus, "PIECE_CHARS", 1000)  # the forked workers inherit it
+    assert tokenize(speeches[:8], tmp_path / "pieces", tokenizer_path, *args) == 0
+    whole = dataset_files(tmp_path / "whole")
+    assert len([k for k in whole if k.endswith(".bin")]) > 3
+    assert dataset_files(tmp_path / "pieces") == whole
