@@ -8,7 +8,9 @@
 `consolidate` writes the model's full fp32 state dict (one file, torch.save; DeepSpeed's zero_to_fp32 for ZeRO
 checkpoints) from the newest valid checkpoint or --tag, for export and evaluation. `universal` converts a ZeRO
 checkpoint to DeepSpeed's universal format next to it (<tag>.universal/); resuming on another number of ranks does
-this by itself. Exit status 1 on errors.
+this by itself. Both refuse a checkpoint holding a pickle that would call anything our saves do not contain.
+Exit status: 0 done (`list`: every checkpoint valid); 1 an error, or `list` found no checkpoint, an invalid one or
+a `latest` that names none.
 """
 
 from __future__ import annotations
@@ -32,15 +34,20 @@ def cmd_list(args) -> int:
     if not listed:
         print(f"{ckpt_dir(args.run)}: no checkpoints")
         return 1
-    latest = ckpt_dir(args.run) / checkpoint.LATEST
-    pointer = latest.read_text().strip() if latest.is_file() else None
+    pointer = checkpoint.read_latest(ckpt_dir(args.run))
     print(f"{'tag':<16} {'step':>9} {'size':>10}  state")
     for c in listed:
         mark = " (latest)" if c.tag == pointer else ""
         print(
             f"{c.tag:<16} {c.step:>9,} {c.bytes / 2**20:>8.1f} MiB  {'valid' if c.problem is None else c.problem}{mark}"
         )
-    return 0
+    dangling = pointer is not None and pointer not in {c.tag for c in listed}
+    if dangling:
+        print(f"latest names {pointer!r}, which is not a checkpoint here")
+    invalid = sum(c.problem is not None for c in listed)
+    if invalid:
+        print(f"{invalid} of {len(listed)} checkpoint(s) invalid")
+    return 1 if invalid or dangling else 0
 
 
 def cmd_consolidate(args) -> int:
@@ -58,7 +65,11 @@ def cmd_consolidate(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    state = checkpoint.consolidate(src, tag)
+    try:
+        state = checkpoint.consolidate(src, tag)
+    except checkpoint.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp_name(out))

@@ -4,7 +4,8 @@
         trainer.fit()
 
 The order matters and is the whole policy of starting a run: join the process group; take the run directory (one
-job at a time) before anything writes there; install the stop signals and watch the launcher; open the tokenizer
+job at a time) before anything writes there (and, with checkpoint.resume=restart, move an earlier run's outputs
+aside); install the stop signals and watch the launcher; open the tokenizer
 and the data; settle the DeepSpeed config; find the checkpoint to resume and check it against the run; build the
 model and the engine (through DeepSpeed's universal format when the checkpoint needs it); load; open the metrics.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -24,9 +26,9 @@ from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_di
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
 from pretrain.distributed import World, init_distributed, leave_distributed
 from pretrain.engine import Engine, accelerator_name, peak_flops_per_device, tune_cpu_allocator
-from pretrain.fileutil import write_bytes_atomic, write_json_atomic
+from pretrain.fileutil import fsync_dir, write_bytes_atomic, write_json_atomic
 from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
-from pretrain.metrics import Metrics
+from pretrain.metrics import JSONL, TENSORBOARD, Metrics
 from pretrain.tokenizer import Tokenizer
 from pretrain.trainer import Trainer
 
@@ -48,6 +50,46 @@ def resolve(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
     elif m.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     return dataclasses.replace(cfg, model=m)
+
+
+# What a run writes in its directory (the lock, job.lock, stays: it is this job's)
+CHECKPOINTS, CONFIG, DS_CONFIG = "checkpoints", "config.yaml", "ds_config.json"
+RUN_OUTPUTS = (CHECKPOINTS, JSONL, TENSORBOARD, CONFIG, DS_CONFIG)
+PREVIOUS = "previous"
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """checkpoint.resume=restart: move an earlier run's outputs to <run_dir>/previous/<UTC time>/ (renames inside
+    the run directory: nothing is copied or deleted); returns where, or None when there was nothing to move."""
+    present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest, n = run_dir / PREVIOUS / stamp, 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / PREVIOUS / f"{stamp}-{n}"
+    dest.mkdir(parents=True)
+    for path in present:
+        os.replace(path, dest / path.name)
+    fsync_dir(dest)
+    fsync_dir(run_dir)
+    return dest
+
+
+def start_over(run_dir: Path, world: World) -> None:
+    """Rank 0 moves the earlier run aside; every rank gets its error, if any."""
+    outcome = None
+    if world.is_main:
+        try:
+            moved = set_aside(run_dir)
+            if moved is not None:
+                log.info("checkpoint.resume=restart: moved the earlier run's outputs to %s", moved)
+        except OSError as e:
+            outcome = ConfigError(f"checkpoint.resume=restart: could not move the earlier run aside: {e}")
+    outcome = world.broadcast(outcome)
+    if outcome is not None:
+        raise outcome
 
 
 def validation_data(
@@ -88,6 +130,8 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         tune_cpu_allocator()
     run_dir = Path(t.run_dir)
     lock = stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
+    if cfg.checkpoint.resume == "restart":
+        start_over(run_dir, world)
     stop = StopRequest(t.stop_signals, t.stop_grace_seconds)
     stack.callback(stop.restore)
     if lock is not None:
@@ -115,7 +159,7 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         config=to_dict(cfg),
         data_fingerprint=fingerprint(cfg.data.datasets, seq_len=plan.seq_len, seed=cfg.data.seed),
     )
-    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, engine=engine, world=world, run=run)
+    checkpoints = CheckpointManager(run_dir / CHECKPOINTS, cfg.checkpoint, engine=engine, world=world, run=run)
     point = checkpoints.find()
     model = engine.build(cfg.model, seed=t.seed, load_universal=point is not None and point.universal)
     start_step = checkpoints.load(point) if point is not None else 0
@@ -123,8 +167,8 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
     metrics = Metrics(run_dir, rank=world.rank, tensorboard=cfg.logging.tensorboard, start_step=start_step)
     stack.callback(metrics.close)
     if world.is_main:
-        write_bytes_atomic(run_dir / "config.yaml", to_yaml(cfg).encode())
-        write_json_atomic(run_dir / "ds_config.json", engine.ds_config)
+        write_bytes_atomic(run_dir / CONFIG, to_yaml(cfg).encode())
+        write_json_atomic(run_dir / DS_CONFIG, engine.ds_config)
         metrics.text("config", "```\n" + to_yaml(cfg) + "```")
     peak_flops, peak_source = peak_flops_per_device(t.peak_flops_per_device)
     flops_per_token = model.flops_per_token(plan.seq_len)

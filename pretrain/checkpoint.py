@@ -13,7 +13,13 @@ A checkpoint counts only once its complete.json exists and every file it lists h
 asked, checksum). The checksum is CRC-32: it catches the torn, truncated and zeroed files a crash leaves, at 3x
 the speed of sha256 here (with sha256, hashing took most of the save time). `latest` moves last, so a crash at
 any moment leaves the previous checkpoint usable; on resume a checkpoint that fails validation is skipped with a
-warning naming it, and the newest valid one is used.
+warning naming it, and the newest valid one is used. A run directory whose checkpoints are all invalid is refused
+(never silently restarted), unless the only ones are leftovers of a first save that never finished.
+
+Loading a checkpoint unpickles it (DeepSpeed's files and ours), and unpickling can run code. Before anything of a
+checkpoint is loaded, every pickle in it is scanned (statically, nothing is run) for the Python names it would call;
+one naming anything outside `torch.load(weights_only=True)`'s allowlist and the few classes our saves contain is
+refused. Our own files are read with weights_only=True.
 """
 
 from __future__ import annotations
@@ -188,6 +194,11 @@ def validate(ckpt_dir: Path, tag: str, *, checksums: bool = True) -> str | None:
         wanted = {str(name): (int(want["bytes"]), want.get("crc32")) for name, want in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{record_path}: unreadable ({type(e).__name__}: {e})"
+    if META not in wanted:
+        return f"{record_path}: does not list {META}"
+    outside = [n for n in wanted if Path(n).is_absolute() or ".." in Path(n).parts]
+    if outside:
+        return f"{record_path}: lists files outside the checkpoint ({', '.join(outside[:3])})"
     for name, (nbytes, crc) in wanted.items():
         path = target / name
         if not path.is_file():
@@ -221,6 +232,12 @@ def list_checkpoints(ckpt_dir: Path, *, checksums: bool = False) -> list[Listed]
     return sorted(out, key=lambda c: -c.step)
 
 
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names (None without one); damaged bytes come back replaced, so they show in messages."""
+    pointer = ckpt_dir / LATEST
+    return pointer.read_bytes().decode("utf-8", errors="replace").strip() if pointer.is_file() else None
+
+
 def newest_valid(ckpt_dir: Path, *, checksums: bool = True) -> str | None:
     """The newest checkpoint that validates; invalid newer ones are skipped with a warning naming them."""
     for c in list_checkpoints(ckpt_dir, checksums=False):
@@ -241,14 +258,66 @@ def read_meta(ckpt_dir: Path, tag: str) -> CheckpointMeta:
 
 
 def read_rng(ckpt_dir: Path, tag: str, rank: int) -> dict | None:
+    """A rank's RNG states (tensors, numpy's array and plain Python values), unpickled with weights_only=True."""
     path = ckpt_dir / tag / f"rng_rank_{rank}.pt"
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        with torch.serialization.safe_globals(numpy_array_globals()):
+            return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything that is not our RNG record
+        raise CheckpointError(f"{path}: not an RNG state this project wrote ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------- unpickling
+# Names a pickle of our checkpoints may call beyond those torch.load(weights_only=True) allows: numpy arrays (the
+# numpy RNG state in rng_rank_*.pt) and the plain classes DeepSpeed puts in its ZeRO optimizer states (an int
+# enum, the static or, with fp16, dynamic loss scaler, a (start, numel) record).
+DEEPSPEED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+)
+
+
+def numpy_array_globals() -> list:
+    """What unpickling a numpy array calls: its reconstructor (module path differs across numpy versions), the
+    array and dtype classes."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def check_pickles(directory: Path) -> None:
+    """Refuse a checkpoint directory holding a pickle that would call anything beyond what our saves contain.
+    Static: each file's pickle is disassembled (torch's weights_only scanner, which also rejects the opcodes that
+    build callables any other way); nothing in it is run."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for path in sorted(directory.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(numpy_array_globals()):
+                names = set(get_unsafe_globals_in_checkpoint(path))
+        except Exception as e:  # noqa: BLE001 - not a zip file torch.save wrote, or opcodes the scanner refuses
+            raise CheckpointError(
+                f"{path}: refusing to unpickle it: not a file torch.save wrote, or one built to run code "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        if names - DEEPSPEED_GLOBALS:
+            raise CheckpointError(
+                f"{path}: refusing to unpickle it: loading would call {', '.join(sorted(names - DEEPSPEED_GLOBALS))}, "
+                "which no checkpoint of this project contains (loading a checkpoint is running code: use only "
+                "checkpoints you trust)"
+            )
 
 
 def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The model's full fp32 state dict from a checkpoint of any ZeRO stage (on CPU, one process)."""
     from pretrain.engine import consolidated_state_dict
 
+    check_pickles(ckpt_dir / tag)
     return consolidated_state_dict(ckpt_dir, tag, read_meta(ckpt_dir, tag).zero_stage)
 
 
@@ -263,7 +332,9 @@ def to_universal(ckpt_dir: Path, tag: str) -> Path:
 
     out = ckpt_dir / universal_tag(tag)
     if out.is_dir():
+        check_pickles(out)  # made by an earlier attempt: DeepSpeed will unpickle what is there
         return out
+    check_pickles(ckpt_dir / tag)
     tmp = ckpt_dir / f"{universal_tag(tag)}.tmp.{os.getpid()}"  # one per attempt: never two converters in one
     try:
         convert_to_universal(ckpt_dir / tag, tmp)
@@ -332,11 +403,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- find
     def find(self) -> ResumePoint | None:
-        if self.cfg.resume == "none":
+        if self.cfg.resume in ("none", "restart"):  # restart: the run's outputs were moved aside before this
             if list_checkpoints(self.dir):
                 raise CheckpointError(
-                    f"checkpoint.resume: none, but {self.dir} holds checkpoints of an earlier run; use another "
-                    "train.run_dir, or resume it (checkpoint.resume=auto)"
+                    f"checkpoint.resume: {self.cfg.resume}, but {self.dir} holds checkpoints of an earlier run; use "
+                    "another train.run_dir, resume it (checkpoint.resume=auto) or start over "
+                    "(checkpoint.resume=restart moves them aside)"
                 )
             return None
         found = None
@@ -357,6 +429,7 @@ class CheckpointManager:
         directory, tag = located
         meta = read_meta(directory, tag)
         self.check(directory / tag, meta)
+        check_pickles(directory / tag)
         universal = meta.zero_stage > 0 and (
             meta.world_size != self.run.world_size or meta.zero_stage != self.run.zero_stage
         )
@@ -367,6 +440,8 @@ class CheckpointManager:
         resume, checksums = self.cfg.resume, self.cfg.checksums
         if resume == "auto":
             tag = newest_valid(self.dir, checksums=checksums)
+            if tag is None:
+                self._none_valid()
             return (self.dir, tag) if tag else None
         path = Path(resume)
         if path.is_dir() and ((path / RECORD).exists() or (path / META).exists()):
@@ -381,6 +456,29 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"checkpoint.resume: {problem}")
         return src, tag
+
+    def _none_valid(self) -> None:
+        """No valid checkpoint in the run's directory. Starting from step 0 is right only when no save ever finished
+        there (nothing but the leftovers of an interrupted first save, no `latest`); otherwise a run would be
+        silently thrown away: refuse, listing each checkpoint and what is wrong with it."""
+        listed = list_checkpoints(self.dir, checksums=self.cfg.checksums)
+        latest = read_latest(self.dir)
+        if latest is None and all(not (self.dir / c.tag / RECORD).exists() for c in listed):
+            if listed:
+                log.warning(
+                    "%s: %s left by a first save that never finished; starting from step 0",
+                    self.dir,
+                    ", ".join(c.tag for c in listed),
+                )
+            return
+        lines = "\n".join(f"  {c.tag}: {c.problem}" for c in listed) or "  (no checkpoint directories left)"
+        named = f" (`latest` names {latest})" if latest is not None else ""
+        raise CheckpointError(
+            f"{self.dir} holds no valid checkpoint, but a run saved here before{named}:\n{lines}\n"
+            "Nothing was loaded or changed. Repair or restore the checkpoints, or start over: "
+            "checkpoint.resume=restart moves the earlier run's checkpoints, metrics and TensorBoard logs to "
+            "<run_dir>/previous/<time>/ (nothing is deleted), or use another train.run_dir"
+        )
 
     def check(self, where: Path, meta: CheckpointMeta) -> None:
         """Refuse a checkpoint this run cannot continue, naming the difference."""
@@ -469,5 +567,5 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (what `latest` names), if any."""
-        pointer = self.dir / LATEST
-        return self.dir / pointer.read_text().strip() if pointer.is_file() else None
+        tag = read_latest(self.dir)
+        return self.dir / tag if tag else None

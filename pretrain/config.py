@@ -105,7 +105,10 @@ class CheckpointConfig:
     save_every: int = 1000  # steps between checkpoints; one is also saved at the end and on a stop (0: only those)
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted after a save)
     keep_every: int = 0  # also keep, permanently, checkpoints whose step is a multiple of this; 0: none
-    resume: str = "auto"  # auto: the newest valid checkpoint of run_dir, if any; none: start fresh; or a tag/path
+    # auto: the newest valid checkpoint of run_dir, if any (a run directory whose checkpoints are all invalid is
+    # refused); none: start fresh in a run directory without checkpoints; restart: start fresh after moving an
+    # earlier run's outputs to run_dir/previous/<time>/ (nothing is deleted); or a tag / checkpoint path
+    resume: str = "auto"
     allow_data_change: bool = False  # resume although the training data (manifests, blend, seq_len, seed) changed
     checksums: bool = True  # CRC-32 of every file in the completion record, verified before resuming
 

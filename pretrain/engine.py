@@ -380,9 +380,11 @@ def die_with_parent():
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
-    """The model's full fp32 state dict from a checkpoint of ZeRO stage `stage` (on CPU, one process)."""
+    """The model's full fp32 state dict from a checkpoint of ZeRO stage `stage` (on CPU, one process). ZeRO-0's
+    file holds only tensors and plain values: it is read with weights_only=True. DeepSpeed's zero_to_fp32 unpickles
+    the ZeRO files fully (the caller scans them first: checkpoint.check_pickles)."""
     if stage == 0:
-        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -17,6 +17,9 @@ from pretrain.fileutil import write_bytes_atomic
 
 log = logging.getLogger("pretrain")
 
+JSONL = "metrics.jsonl"  # in the run directory
+TENSORBOARD = "tensorboard"
+
 
 class Metrics:
     def __init__(self, run_dir: Path, *, rank: int, tensorboard: bool, start_step: int = 0):
@@ -25,10 +28,10 @@ class Metrics:
         self.rank = rank
         self.writer = None
         self.jsonl = None
-        self.logdir = Path(run_dir) / "tensorboard"
+        self.logdir = Path(run_dir) / TENSORBOARD
         if rank == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            path = Path(run_dir) / "metrics.jsonl"
+            path = Path(run_dir) / JSONL
             kept = []
             if path.exists():
                 for line in path.read_text().splitlines():

@@ -169,3 +169,30 @@ def random_batches(seed: int, n: int = 2, micro: int = 2, seq_len: int = 16, voc
 
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (micro, seq_len + 1), generator=g) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def fake_checkpoint(ckpt_dir, step, *, complete=True, size=10):
+    """A checkpoint directory with stand-in files (data.pt, meta.json) and, unless complete=False, its record."""
+    from pretrain import checkpoint
+
+    d = ckpt_dir / checkpoint.tag_of(step)
+    d.mkdir(parents=True)
+    (d / "data.pt").write_bytes(b"x" * size)
+    (d / checkpoint.META).write_text("{}")
+    if complete:
+        record(d)
+    return d
+
+
+def record(d):
+    """(Re)write a checkpoint directory's completion record for the files it now holds, as a save does (or as
+    someone who tampered with the files and fixed the checksums would)."""
+    from pretrain import checkpoint
+
+    files = {
+        str(f.relative_to(d)): {"bytes": f.stat().st_size, "crc32": checkpoint.crc32_file(f)}
+        for f in sorted(d.rglob("*"))
+        if f.is_file() and f.name != checkpoint.RECORD
+    }
+    (d / checkpoint.RECORD).write_text(json.dumps({"files": files}))

@@ -21,6 +21,7 @@ from ..helpers import (
     pretrain,
     read_metrics,
     start_pretrain,
+    tiny_overrides,
     wait_for_step,
 )
 
@@ -177,3 +178,31 @@ def test_kill_9_at_random_moments(tmp_path, tokenizer_path, tiny_dataset, second
     assert losses(run) == losses(tmp_path / "ref")
     a, b = final_weights(run), final_weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_valid_checkpoint_is_refused_and_restart_sets_the_run_aside(tmp_path, tokenizer_path, tiny_dataset):
+    """A run directory whose checkpoints are all invalid is refused (exit 2, each one named, nothing touched),
+    never silently trained over from step 0; checkpoint.resume=restart moves the earlier run aside and starts."""
+    run = tmp_path / "run"
+    args = [
+        *tiny_overrides(tokenizer_path, tiny_dataset, run),
+        *("train.global_batch_seqs=4", "train.max_steps=2", "train.eval_every=0", "logging.log_every=1"),
+        "checkpoint.save_every=1",
+    ]
+    assert pretrain("python", 1, args).returncode == 0
+    first = losses(run)
+    for d in (run / "checkpoints").glob("step_*"):
+        (d / checkpoint.RECORD).unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "job.lock"}
+    r = pretrain("python", 1, args)
+    assert r.returncode == 2 and "holds no valid checkpoint, but a run saved here before" in r.stderr, r.stderr[-3000:]
+    assert "step_00000001: " in r.stderr and "step_00000002: " in r.stderr and "no complete.json" in r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "job.lock"} == before
+
+    r = pretrain("python", 1, [*args, "checkpoint.resume=restart"])
+    assert r.returncode == 0 and "moved the earlier run's outputs to" in r.stderr, r.stderr[-3000:]
+    (aside,) = (run / "previous").iterdir()
+    assert {aside / p.relative_to(run): b for p, b in before.items()} == {
+        p: p.read_bytes() for p in aside.rglob("*") if p.is_file()
+    }  # every file of the earlier run, as it was
+    assert losses(run) == first  # and a new run from step 0

@@ -12,20 +12,10 @@ from pretrain import checkpoint
 from pretrain.checkpoint import CheckpointError, CheckpointManager, CheckpointMeta
 from pretrain.config import CheckpointConfig, ModelConfig, to_dict
 
-from ..helpers import random_batches, tiny_engine
+from ..helpers import fake_checkpoint, random_batches, record, tiny_engine
 
 
 # ----------------------------------------------------------------------------------------------- mechanics
-def fake_checkpoint(ckpt_dir, step, *, complete=True, size=10):
-    d = ckpt_dir / checkpoint.tag_of(step)
-    d.mkdir(parents=True)
-    (d / "data.pt").write_bytes(b"x" * size)
-    if complete:
-        files = {"data.pt": {"bytes": size, "crc32": checkpoint.crc32_file(d / "data.pt")}}
-        (d / checkpoint.RECORD).write_text(json.dumps({"files": files}))
-    return d
-
-
 def test_validation_names_the_problem(tmp_path):
     d = fake_checkpoint(tmp_path, 5)
     assert checkpoint.validate(tmp_path, "step_00000005") is None
@@ -46,6 +36,15 @@ def test_a_damaged_record_makes_the_checkpoint_invalid(tmp_path, record):
     (d / checkpoint.RECORD).write_bytes(record)
     assert "complete.json: unreadable" in checkpoint.validate(tmp_path, "step_00000005")
     assert checkpoint.newest_valid(tmp_path) is None
+
+
+def test_a_record_must_list_the_meta_and_stay_inside(tmp_path):
+    d = fake_checkpoint(tmp_path, 5)
+    (d / checkpoint.RECORD).write_text(json.dumps({"files": {}}))
+    assert "does not list meta.json" in checkpoint.validate(tmp_path, "step_00000005")
+    outside = {checkpoint.META: {"bytes": 2}, "../../../etc/hostname": {"bytes": 1}}
+    (d / checkpoint.RECORD).write_text(json.dumps({"files": outside}))
+    assert "lists files outside the checkpoint (../../../etc/hostname)" in checkpoint.validate(tmp_path, d.name)
 
 
 def test_newest_valid_skips_broken_ones(tmp_path, caplog):
@@ -194,3 +193,103 @@ def test_load_of_files_gone_meanwhile_names_the_checkpoint(tmp_path, world, ds_j
         f.unlink()
     with pytest.raises(CheckpointError, match="step_00000001: DeepSpeed could not load it"):
         m.load(point)
+
+
+# ----------------------------------------------------------------------------------------------- damaged runs
+def test_a_run_whose_checkpoints_are_all_invalid_is_refused(tmp_path, world, ds_json):
+    """Resuming a run directory whose every checkpoint is invalid stops with each one and its problem named, and
+    touches nothing; it does not start again from step 0 over the earlier run."""
+    m = manager(tmp_path, world, tiny_engine(ds_json(0), **to_dict(MODEL)))
+    for step in (1, 2):
+        m.save(step)
+    (m.dir / "step_00000001" / checkpoint.RECORD).unlink()
+    (m.dir / "step_00000002" / checkpoint.RECORD).write_bytes(b"\x00\x8f")
+    before = sorted((p.relative_to(m.dir), p.stat().st_size) for p in m.dir.rglob("*"))
+    with pytest.raises(CheckpointError) as e:
+        manager(tmp_path, world).find()
+    message = str(e.value)
+    assert "holds no valid checkpoint, but a run saved here before (`latest` names step_00000002)" in message
+    assert "step_00000001: " in message and "no complete.json" in message
+    assert "step_00000002: " in message and "complete.json: unreadable" in message
+    assert "checkpoint.resume=restart" in message
+    assert sorted((p.relative_to(m.dir), p.stat().st_size) for p in m.dir.rglob("*")) == before
+
+
+def test_leftovers_of_an_unfinished_first_save_start_fresh(tmp_path, world, caplog):
+    """The one case where no valid checkpoint means step 0: no save ever finished (no record, no `latest`), as a
+    run killed during its first save leaves."""
+    fake_checkpoint(tmp_path / "checkpoints", 2, complete=False)
+    with caplog.at_level(logging.WARNING):
+        assert manager(tmp_path, world).find() is None
+    assert "step_00000002 left by a first save that never finished; starting from step 0" in caplog.text
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_bytes(b"step_00000002")  # but a save did finish once
+    with pytest.raises(CheckpointError, match="holds no valid checkpoint"):
+        manager(tmp_path, world).find()
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("target", ["rng_rank_0.pt", "mp_rank_00_model_states.pt"])
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, world, ds_json, target):
+    """A pickle planted in a checkpoint (its record fixed to match) is refused before anything is unpickled: ours
+    (RNG states) and DeepSpeed's alike."""
+    m = manager(tmp_path, world, tiny_engine(ds_json(0), **to_dict(MODEL)))
+    m.save(1)
+    marker = tmp_path / "code-ran"
+    d = m.dir / "step_00000001"
+    if target.startswith("rng"):
+        state = checkpoint.read_rng(m.dir, "step_00000001", 0)
+        torch.save({**state, "python": RunsCode(marker)}, d / target)
+    else:
+        state = torch.load(d / target, weights_only=True)
+        torch.save({**state, "module": RunsCode(marker)}, d / target)
+    record(d)
+    assert checkpoint.validate(m.dir, "step_00000001") is None  # the record matches: only the scan can tell
+    with pytest.raises(CheckpointError, match=f"{target}: refusing to unpickle it: loading would call posix.system"):
+        manager(tmp_path, world).find()
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        checkpoint.consolidate(m.dir, "step_00000001")
+    if target.startswith("rng"):
+        with pytest.raises(CheckpointError, match="not an RNG state this project wrote"):
+            checkpoint.read_rng(m.dir, "step_00000001", 0)
+    assert not marker.exists()
+
+
+def test_a_plain_pickle_is_refused(tmp_path, world, ds_json):
+    """A file that is not torch.save's zip (a bare pickle) cannot be scanned, so it is refused too."""
+    import pickle
+
+    m = manager(tmp_path, world, tiny_engine(ds_json(0), **to_dict(MODEL)))
+    m.save(1)
+    d = m.dir / "step_00000001"
+    (d / "rng_rank_0.pt").write_bytes(pickle.dumps(RunsCode(tmp_path / "code-ran")))
+    record(d)
+    with pytest.raises(CheckpointError, match="rng_rank_0.pt: refusing to unpickle it: not a file torch.save wrote"):
+        manager(tmp_path, world).find()
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_what_our_saves_hold_passes_the_scan(tmp_path, world, ds_json):
+    """Every file a save of each ZeRO stage writes (DeepSpeed's and ours) passes; the RNG states load with
+    weights_only=True and restore the generators exactly."""
+    import random
+
+    import numpy as np
+
+    for stage in (0, 1, 2, 3):
+        m = manager(tmp_path / f"zero{stage}", world, tiny_engine(ds_json(stage), **to_dict(MODEL)))
+        m.save(1)
+        checkpoint.check_pickles(m.dir / "step_00000001")
+    expected = (random.random(), np.random.random(), torch.rand(1))
+    checkpoint.set_rng_state(checkpoint.read_rng(m.dir, "step_00000001", 0))
+    assert (random.random(), np.random.random()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
