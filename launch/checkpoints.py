@@ -4,11 +4,15 @@
     python launch/checkpoints.py list runs/demo --checksums           # ... verifying every checksum as well
     python launch/checkpoints.py consolidate runs/demo --output model.pt [--tag step_00000300]
     python launch/checkpoints.py universal runs/demo [--tag step_00000300]
+    python launch/checkpoints.py set-aside runs/demo                  # start the run directory over
 
 `consolidate` writes the model's full fp32 state dict (one file, torch.save; DeepSpeed's zero_to_fp32 for ZeRO
 checkpoints) from the newest valid checkpoint or --tag, for export and evaluation. `universal` converts a ZeRO
 checkpoint to DeepSpeed's universal format next to it (<tag>.universal/); resuming on another number of ranks does
 this by itself. Both refuse a checkpoint holding a pickle that would call anything our saves do not contain.
+`set-aside` moves a run's checkpoints, metrics.jsonl, TensorBoard logs, config.yaml and ds_config.json to
+<run_dir>/previous/<UTC time>/ (renames: nothing is copied or deleted), so that the next run starts from step 0;
+it holds the run directory's lock while it does (refused, status 5, while a job runs there).
 Exit status: 0 done (`list`: every checkpoint valid); 1 an error, or `list` found no checkpoint, an invalid one or
 a `latest` that names none.
 """
@@ -88,17 +92,40 @@ def cmd_universal(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    if checkpoint.read_meta(src, tag).zero_stage == 0:
-        print(
-            f"error: {src / tag} has no ZeRO states (ZeRO-0): it loads on any number of ranks as it is", file=sys.stderr
-        )
-        return 1
     try:
+        if checkpoint.read_meta(src, tag).zero_stage == 0:
+            print(
+                f"error: {src / tag} has no ZeRO states (ZeRO-0): it loads on any number of ranks as it is",
+                file=sys.stderr,
+            )
+            return 1
         out = checkpoint.to_universal(src, tag)
     except checkpoint.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{src / tag} -> {out}")
+    return 0
+
+
+def cmd_set_aside(args) -> int:
+    from pretrain.build import set_aside
+    from pretrain.errors import RunDirBusy, exit_code
+    from pretrain.job import RunLock
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        print(f"error: {run_dir}: no such run directory", file=sys.stderr)
+        return 1
+    try:
+        with RunLock(run_dir, stale_after=args.lock_stale_seconds):
+            moved = set_aside(run_dir)
+    except RunDirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code(e)
+    except OSError as e:
+        print(f"error: {run_dir}: could not move the earlier run aside: {e}", file=sys.stderr)
+        return 1
+    print(f"{run_dir}: nothing to set aside" if moved is None else f"{run_dir}: the earlier run is now in {moved}")
     return 0
 
 
@@ -117,8 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     un = sub.add_parser("universal", help="convert a ZeRO checkpoint to DeepSpeed's universal format")
     un.add_argument("run", help="run directory (or its checkpoints/ directory)")
     un.add_argument("--tag", help="checkpoint tag (default: the newest valid one)")
+    sa = sub.add_parser("set-aside", help="move a run's outputs to <run_dir>/previous/<time>/ to start it over")
+    sa.add_argument("run", help="run directory")
+    sa.add_argument(
+        "--lock-stale-seconds", type=float, default=300, help="as train.lock_stale_seconds of the run (default 300)"
+    )
     args = p.parse_args(argv)
-    return {"list": cmd_list, "consolidate": cmd_consolidate, "universal": cmd_universal}[args.command](args)
+    commands = {
+        "list": cmd_list,
+        "consolidate": cmd_consolidate,
+        "universal": cmd_universal,
+        "set-aside": cmd_set_aside,
+    }
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

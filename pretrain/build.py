@@ -4,8 +4,7 @@
         trainer.fit()
 
 The order matters and is the whole policy of starting a run: join the process group; take the run directory (one
-job at a time) before anything writes there (and, with checkpoint.resume=restart, move an earlier run's outputs
-aside); install the stop signals and watch the launcher; open the tokenizer
+job at a time) before anything writes there; install the stop signals and watch the launcher; open the tokenizer
 and the data; settle the DeepSpeed config; find the checkpoint to resume and check it against the run; build the
 model and the engine (through DeepSpeed's universal format when the checkpoint needs it); load; open the metrics.
 """
@@ -59,8 +58,9 @@ PREVIOUS = "previous"
 
 
 def set_aside(run_dir: Path) -> Path | None:
-    """checkpoint.resume=restart: move an earlier run's outputs to <run_dir>/previous/<UTC time>/ (renames inside
-    the run directory: nothing is copied or deleted); returns where, or None when there was nothing to move."""
+    """Start a run directory over: move an earlier run's outputs to <run_dir>/previous/<UTC time>/ (renames inside
+    the run directory: nothing is copied or deleted); returns where, or None when there was nothing to move. The
+    caller holds the run directory's lock (`launch/checkpoints.py set-aside`)."""
     present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not present:
         return None
@@ -75,21 +75,6 @@ def set_aside(run_dir: Path) -> Path | None:
     fsync_dir(dest)
     fsync_dir(run_dir)
     return dest
-
-
-def start_over(run_dir: Path, world: World) -> None:
-    """Rank 0 moves the earlier run aside; every rank gets its error, if any."""
-    outcome = None
-    if world.is_main:
-        try:
-            moved = set_aside(run_dir)
-            if moved is not None:
-                log.info("checkpoint.resume=restart: moved the earlier run's outputs to %s", moved)
-        except OSError as e:
-            outcome = ConfigError(f"checkpoint.resume=restart: could not move the earlier run aside: {e}")
-    outcome = world.broadcast(outcome)
-    if outcome is not None:
-        raise outcome
 
 
 def validation_data(
@@ -130,8 +115,6 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         tune_cpu_allocator()
     run_dir = Path(t.run_dir)
     lock = stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
-    if cfg.checkpoint.resume == "restart":
-        start_over(run_dir, world)
     stop = StopRequest(t.stop_signals, t.stop_grace_seconds)
     stack.callback(stop.restore)
     if lock is not None:

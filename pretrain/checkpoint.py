@@ -24,10 +24,12 @@ refused. Our own files are read with weights_only=True.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -54,6 +56,10 @@ RECORD = "complete.json"
 META = "meta.json"
 LATEST = "latest"
 TAG = re.compile(r"^step_(\d+)$")
+SET_ASIDE = (
+    "`python launch/checkpoints.py set-aside <run_dir>` moves the earlier run's checkpoints, metrics and "
+    "TensorBoard logs to <run_dir>/previous/<time>/ (nothing is deleted)"
+)
 
 
 class CheckpointError(BadInput, RuntimeError):
@@ -283,11 +289,39 @@ DEEPSPEED_GLOBALS = frozenset(
 )
 
 
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
 def numpy_array_globals() -> list:
     """What unpickling a numpy array calls: its reconstructor (module path differs across numpy versions), the
     array and dtype classes."""
     reconstruct = np.zeros(1).__reduce__()[0]
     return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+@contextlib.contextmanager
+def restricted_unpickling():
+    """Every torch.load in the block (DeepSpeed's, which ask for full unpickling, included) runs PyTorch's
+    weights_only unpickler, allowing also numpy arrays and DEEPSPEED_GLOBALS: a checkpoint can then build only
+    tensors, plain containers and those classes' instances, whatever its pickles say. Process-wide while it lasts
+    (the environment variable is how torch.load lets a caller force it)."""
+    import importlib
+
+    classes = []
+    for name in sorted(DEEPSPEED_GLOBALS):
+        module, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):  # a DeepSpeed without it cannot have saved it
+            classes.append(getattr(importlib.import_module(module), attr))
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(numpy_array_globals() + classes):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
 
 
 def check_pickles(directory: Path) -> None:
@@ -296,6 +330,10 @@ def check_pickles(directory: Path) -> None:
     build callables any other way); nothing in it is run."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
+    for d, dirs, files in os.walk(directory):  # a link could bring in files the scan below never sees
+        links = [name for name in dirs + files if os.path.islink(os.path.join(d, name))]
+        if links:
+            raise CheckpointError(f"{Path(d) / links[0]}: a symlink inside a checkpoint; refusing to load it")
     for path in sorted(directory.rglob("*.pt")):
         try:
             with torch.serialization.safe_globals(numpy_array_globals()):
@@ -318,7 +356,8 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     from pretrain.engine import consolidated_state_dict
 
     check_pickles(ckpt_dir / tag)
-    return consolidated_state_dict(ckpt_dir, tag, read_meta(ckpt_dir, tag).zero_stage)
+    with restricted_unpickling():
+        return consolidated_state_dict(ckpt_dir, tag, read_meta(ckpt_dir, tag).zero_stage)
 
 
 def universal_tag(tag: str) -> str:
@@ -403,12 +442,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- find
     def find(self) -> ResumePoint | None:
-        if self.cfg.resume in ("none", "restart"):  # restart: the run's outputs were moved aside before this
+        if self.cfg.resume == "none":
             if list_checkpoints(self.dir):
                 raise CheckpointError(
-                    f"checkpoint.resume: {self.cfg.resume}, but {self.dir} holds checkpoints of an earlier run; use "
-                    "another train.run_dir, resume it (checkpoint.resume=auto) or start over "
-                    "(checkpoint.resume=restart moves them aside)"
+                    f"checkpoint.resume: none, but {self.dir} holds checkpoints of an earlier run; use another "
+                    f"train.run_dir, resume it (checkpoint.resume=auto) or start it over ({SET_ASIDE})"
                 )
             return None
         found = None
@@ -475,9 +513,8 @@ class CheckpointManager:
         named = f" (`latest` names {latest})" if latest is not None else ""
         raise CheckpointError(
             f"{self.dir} holds no valid checkpoint, but a run saved here before{named}:\n{lines}\n"
-            "Nothing was loaded or changed. Repair or restore the checkpoints, or start over: "
-            "checkpoint.resume=restart moves the earlier run's checkpoints, metrics and TensorBoard logs to "
-            "<run_dir>/previous/<time>/ (nothing is deleted), or use another train.run_dir"
+            f"Nothing was loaded or changed. Repair or restore the checkpoints, or start over: {SET_ASIDE}, or "
+            "use another train.run_dir"
         )
 
     def check(self, where: Path, meta: CheckpointMeta) -> None:
@@ -538,18 +575,23 @@ class CheckpointManager:
             if error is not None:
                 raise error
             tag = universal_tag(point.tag)
-        error = None
+        error, rng = None, None
         try:
-            if self.engine.load(point.directory, tag) is None:
+            with restricted_unpickling():
+                loaded = self.engine.load(point.directory, tag)
+            if loaded is None:
                 error = CheckpointError(f"{point.directory / tag}: DeepSpeed could not load it")
+            elif point.meta.world_size == self.run.world_size:  # each rank's own generators
+                rng = read_rng(point.directory, point.tag, self.world.rank)
         except (AssertionError, FileNotFoundError, KeyError) as e:  # e.g. files removed while loading
             error = CheckpointError(f"{point.directory / tag}: DeepSpeed could not load it ({type(e).__name__}: {e})")
+        except pickle.UnpicklingError as e:  # something beyond what restricted_unpickling allows
+            error = CheckpointError(f"{point.directory / tag}: refusing to unpickle it ({e})")
         except Exception as e:  # raised below, after the other ranks know
             error = e
         if self.world.max(int(error is not None)):
             raise error or CheckpointError(f"{point.directory / tag}: another rank could not load it")
-        rng = read_rng(point.directory, point.tag, self.world.rank)
-        if rng is not None and point.meta.world_size == self.run.world_size:
+        if rng is not None:
             set_rng_state(rng)
         if self.world.is_main:
             log.info("resumed from %s at step %d", point.path, point.meta.step)

@@ -106,8 +106,8 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted after a save)
     keep_every: int = 0  # also keep, permanently, checkpoints whose step is a multiple of this; 0: none
     # auto: the newest valid checkpoint of run_dir, if any (a run directory whose checkpoints are all invalid is
-    # refused); none: start fresh in a run directory without checkpoints; restart: start fresh after moving an
-    # earlier run's outputs to run_dir/previous/<time>/ (nothing is deleted); or a tag / checkpoint path
+    # refused: start it over with `launch/checkpoints.py set-aside`); none: start fresh in a run directory without
+    # checkpoints; or a tag / checkpoint path
     resume: str = "auto"
     allow_data_change: bool = False  # resume although the training data (manifests, blend, seq_len, seed) changed
     checksums: bool = True  # CRC-32 of every file in the completion record, verified before resuming

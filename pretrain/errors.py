@@ -4,8 +4,8 @@ The one table of exit statuses; launchers, Slurm scripts and tests ask it:
   0  done
   1  anything else (a bug, a crash, an I/O error such as a full disk or a file removed under the run, a launcher
      that went away before a save could finish)
-  2  bad configuration, data or checkpoint (the message names the key or file); only what the library raised as
-     BadInput after checking it, never an operating-system error that happened to name a path
+  2  bad configuration, data or checkpoint (the message names the key or file): what the library checked and
+     raised as BadInput, never a bare operating-system error during the run
   3  stopped early after saving a checkpoint (stop signal, train.max_wall_time, train.stop_at_step, a launcher
      that went away): run the same command again to resume
   4  too many consecutive non-finite steps (the last good checkpoint is left as it was)

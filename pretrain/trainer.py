@@ -21,7 +21,7 @@ import torch
 
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import BatchPlan, OptimConfig, TrainConfig
-from pretrain.data import BlendedDataset
+from pretrain.data import BlendedDataset, DataError, SampleError
 from pretrain.distributed import World
 from pretrain.engine import Engine, lr_at
 from pretrain.errors import EXIT_FAILED, LauncherGone, NonFinite, Stopped
@@ -40,6 +40,7 @@ class Stop(enum.IntEnum):
     AT_STEP = 3
     LAUNCHER_GONE = 4  # a step and a save fit in train.orphan_grace_seconds: save, then exit
     LAUNCHER_GONE_NO_TIME = 5  # they do not: exit at once
+    BAD_SAMPLE = 6  # a rank read a sample it cannot train on (pretrain.data.SampleError): save, then stop (exit 2)
 
 
 @dataclass
@@ -74,19 +75,23 @@ class Trainer:
         """Train until max_steps / max_tokens, saving as configured; returns the last logged scalars.
         Raises Stopped after saving when asked to stop early, NonFinite or LauncherGone without saving."""
         step, last = self.start_step, {}
+        batch, bad = self.read_batch(step)
+        if self.world.max(int(Stop.BAD_SAMPLE if bad else Stop.NO)) == Stop.BAD_SAMPLE:  # the first batch
+            raise self.bad_sample(bad, step)
         while step < self.total_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, self.optim, self.total_steps)
-            stats = self.engine.train_step(self.data.batch(step, self.plan, self.world.rank), lr)
+            stats = self.engine.train_step(batch, lr)
             self.count_bad_steps(step, stats)
             step, self.window_steps = step + 1, self.window_steps + 1
+            batch, bad = self.read_batch(step)  # the next step's, so that every rank learns of a bad one in time
             self.step_seconds = time.perf_counter() - t0
             final = step == self.total_steps
             if step % self.log_every == 0 or final:
                 last = self.log_step(step, stats, lr)
             if self.val_data is not None and (step % self.train.eval_every == 0 or final):
                 last.update(self.outside_window(self.evaluate, step))
-            stop = self.stop_reason(step)
+            stop = self.stop_reason(step, bad)
             if stop == Stop.LAUNCHER_GONE_NO_TIME:
                 raise LauncherGone(
                     f"the launcher is gone and a save would not fit in the time left: exiting at step {step}"
@@ -94,11 +99,32 @@ class Trainer:
             periodic = (self.save_every and step % self.save_every == 0) or final
             if stop or (periodic and not self.bad_steps):  # no periodic save in a run of skipped steps
                 self.outside_window(self.save, step)
+            if stop == Stop.BAD_SAMPLE:
+                raise self.bad_sample(bad, step)
             if stop and not final:
                 reason = self.describe(stop, step)
                 self.metrics.console(f"stopping at step {step}: {reason}; resume with the same command")
                 raise Stopped(reason)
         return last
+
+    def read_batch(self, step: int) -> tuple[list | None, SampleError | None]:
+        """This rank's micro-batches for `step` (None after the last step), or the SampleError reading them raised:
+        the rank that finds a bad sample must not leave the others waiting in a collective."""
+        if step >= self.total_steps:
+            return None, None
+        try:
+            return self.data.batch(step, self.plan, self.world.rank), None
+        except SampleError as e:
+            return None, e
+
+    def bad_sample(self, found: SampleError | None, step: int) -> DataError:
+        """What each rank raises when a rank's next batch holds a bad sample: that rank its own error."""
+        if found is not None:
+            return found
+        return DataError(
+            f"another rank read a sample it cannot train on in the batch of step {step + 1} (that rank names it)"
+            + (f"; step {step} was saved" if step > self.start_step else "")
+        )
 
     def outside_window(self, work, step: int):
         """Run `work(step)` without counting its time as training throughput."""
@@ -129,10 +155,13 @@ class Trainer:
         """Seconds that one more step and a save take, from the last ones measured."""
         return 2 * self.step_seconds + (self.save_seconds or 2 * self.step_seconds)
 
-    def stop_reason(self, step: int) -> Stop:
-        """A stop signal, a time limit or a gone launcher on any rank: every rank gets the same answer."""
+    def stop_reason(self, step: int, bad: SampleError | None = None) -> Stop:
+        """A stop signal, a time limit, a gone launcher or a bad sample in the next batch on any rank: every rank
+        gets the same answer."""
         local, limit, grace = Stop.NO, self.train.max_wall_time, self.train.orphan_grace_seconds
-        if self.stop.launcher:
+        if bad is not None:
+            local = Stop.BAD_SAMPLE
+        elif self.stop.launcher:
             left = grace - (time.monotonic() - self.stop.launcher_since)
             local = Stop.LAUNCHER_GONE if self.save_estimate() <= left else Stop.LAUNCHER_GONE_NO_TIME
         elif self.stop.signal_name:
@@ -142,7 +171,7 @@ class Trainer:
         elif limit is not None and time.monotonic() - self.started + self.save_estimate() > limit:
             local = Stop.WALL_TIME
         agreed = Stop(self.world.max(int(local)))
-        if agreed >= Stop.LAUNCHER_GONE:  # ranks whose launcher lives on (other nodes) exit by the same deadline
+        if agreed in (Stop.LAUNCHER_GONE, Stop.LAUNCHER_GONE_NO_TIME):  # ranks whose launcher lives on exit too
             self.stop.arm_deadline(grace, EXIT_FAILED)
         return agreed
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
+from pretrain.job import RunLock
 
 from ..helpers import (
     REPO,
@@ -180,9 +181,10 @@ def test_kill_9_at_random_moments(tmp_path, tokenizer_path, tiny_dataset, second
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_no_valid_checkpoint_is_refused_and_restart_sets_the_run_aside(tmp_path, tokenizer_path, tiny_dataset):
+def test_no_valid_checkpoint_is_refused_and_set_aside_starts_over(tmp_path, tokenizer_path, tiny_dataset):
     """A run directory whose checkpoints are all invalid is refused (exit 2, each one named, nothing touched),
-    never silently trained over from step 0; checkpoint.resume=restart moves the earlier run aside and starts."""
+    never silently trained over from step 0; `checkpoints.py set-aside` moves the earlier run aside (refused while
+    a job holds the directory), and the same command then starts from step 0."""
     run = tmp_path / "run"
     args = [
         *tiny_overrides(tokenizer_path, tiny_dataset, run),
@@ -193,16 +195,22 @@ def test_no_valid_checkpoint_is_refused_and_restart_sets_the_run_aside(tmp_path,
     first = losses(run)
     for d in (run / "checkpoints").glob("step_*"):
         (d / checkpoint.RECORD).unlink()
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "job.lock"}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     r = pretrain("python", 1, args)
     assert r.returncode == 2 and "holds no valid checkpoint, but a run saved here before" in r.stderr, r.stderr[-3000:]
     assert "step_00000001: " in r.stderr and "step_00000002: " in r.stderr and "no complete.json" in r.stderr
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "job.lock"} == before
+    assert "launch/checkpoints.py set-aside" in r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
-    r = pretrain("python", 1, [*args, "checkpoint.resume=restart"])
-    assert r.returncode == 0 and "moved the earlier run's outputs to" in r.stderr, r.stderr[-3000:]
+    set_aside = [sys.executable, str(REPO / "launch/checkpoints.py"), "set-aside", str(run)]
+    with RunLock(run, stale_after=300):  # a job running there
+        busy = subprocess.run(set_aside, capture_output=True, text=True)
+    assert busy.returncode == 5 and "is in use by another job" in busy.stderr, busy.stderr
+    done = subprocess.run(set_aside, capture_output=True, text=True)
+    assert done.returncode == 0 and "the earlier run is now in" in done.stdout, done.stderr
     (aside,) = (run / "previous").iterdir()
     assert {aside / p.relative_to(run): b for p, b in before.items()} == {
         p: p.read_bytes() for p in aside.rglob("*") if p.is_file()
     }  # every file of the earlier run, as it was
-    assert losses(run) == first  # and a new run from step 0
+    r = pretrain("python", 1, args)
+    assert r.returncode == 0 and losses(run) == first  # a new run from step 0

@@ -163,7 +163,7 @@ def test_an_io_error_is_not_a_bad_configuration(tmp_path, tokenizer_path, tiny_d
 
 def test_a_bad_token_found_by_rank_1_is_reported_by_rank_1(tmp_path, tokenizer_path, tiny_dataset, tokenizer):
     """A token id outside the vocab (a shard changed behind its manifest's back) in a sample only rank 1 reads stops
-    the run before the model sees it, and rank 1 names it (rank 0 never read it)."""
+    every rank before the model sees it (no rank left waiting in a collective); rank 1 names it, rank 0 says so."""
     import shutil
 
     import numpy as np
@@ -194,4 +194,6 @@ def test_a_bad_token_found_by_rank_1_is_reported_by_rank_1(tmp_path, tokenizer_p
     assert f"error: rank 1: {data}:train, sample {start}: token 5 is {tokenizer.vocab_size + 7}, outside the vocab" in (
         result.stderr
     ), result.stderr[-3000:]
-    assert "IndexError" not in result.stderr
+    assert "error: another rank read a sample it cannot train on in the batch of step 1" in result.stderr
+    assert "IndexError" not in result.stderr and "]: Traceback" not in result.stderr  # no rank's traceback
+    assert result.stderr.count("exitcode  : 2 ") == 2, result.stderr[-3000:]  # torchrun's report: both ranks, 2

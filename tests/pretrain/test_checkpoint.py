@@ -4,7 +4,9 @@
 import dataclasses
 import json
 import logging
+import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,7 +213,7 @@ def test_a_run_whose_checkpoints_are_all_invalid_is_refused(tmp_path, world, ds_
     assert "holds no valid checkpoint, but a run saved here before (`latest` names step_00000002)" in message
     assert "step_00000001: " in message and "no complete.json" in message
     assert "step_00000002: " in message and "complete.json: unreadable" in message
-    assert "checkpoint.resume=restart" in message
+    assert "launch/checkpoints.py set-aside" in message
     assert sorted((p.relative_to(m.dir), p.stat().st_size) for p in m.dir.rglob("*")) == before
 
 
@@ -293,3 +295,26 @@ def test_what_our_saves_hold_passes_the_scan(tmp_path, world, ds_json):
     expected = (random.random(), np.random.random(), torch.rand(1))
     checkpoint.set_rng_state(checkpoint.read_rng(m.dir, "step_00000001", 0))
     assert (random.random(), np.random.random()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def test_loads_are_restricted_even_where_full_unpickling_is_asked_for(tmp_path):
+    """Inside restricted_unpickling, a torch.load that asks for weights_only=False (as DeepSpeed's do) still runs
+    the weights_only unpickler: what a scan could miss cannot run code either."""
+    marker = tmp_path / "code-ran"
+    torch.save({"x": RunsCode(marker)}, tmp_path / "f.pt")
+    with checkpoint.restricted_unpickling(), pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "f.pt", weights_only=False)
+    assert not marker.exists()
+    torch.save({"w": torch.ones(2), "state": np.random.get_state()}, tmp_path / "g.pt")
+    with checkpoint.restricted_unpickling():
+        assert torch.equal(torch.load(tmp_path / "g.pt", weights_only=False)["w"], torch.ones(2))
+
+
+def test_a_symlink_inside_a_checkpoint_is_refused(tmp_path, world, ds_json):
+    """A link could bring files in from outside that DeepSpeed would load and the scan would not see."""
+    m = manager(tmp_path, world, tiny_engine(ds_json(0), **to_dict(MODEL)))
+    m.save(1)
+    (tmp_path / "elsewhere").mkdir()
+    (m.dir / "step_00000001" / "zero").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="zero: a symlink inside a checkpoint; refusing to load it"):
+        manager(tmp_path, world).find()

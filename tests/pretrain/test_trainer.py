@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from pretrain.config import BatchPlan, OptimConfig, TrainConfig
+from pretrain.data import DataError, SampleError
 from pretrain.distributed import World
 from pretrain.engine import StepStats, lr_at
 from pretrain.errors import LauncherGone, NonFinite, Stopped
 from pretrain.job import StopRequest
 from pretrain.metrics import Metrics
-from pretrain.trainer import Trainer
+from pretrain.trainer import Stop, Trainer
 
 
 @dataclass
@@ -41,8 +42,13 @@ class FakeEngine:
         return value.detach().float()
 
 
+@dataclass
 class FakeData:
+    bad_at: set = field(default_factory=set)  # steps whose batch holds a token outside the vocab
+
     def batch(self, step, plan, rank):
+        if step in self.bad_at:
+            raise SampleError(f"sample {step * plan.global_batch}: token 3 is 9999, outside the vocab")
         return [step, rank]  # what the engine is handed: which step's micro-batches
 
 
@@ -201,3 +207,34 @@ def test_a_stop_seen_by_another_rank_stops_this_one_at_the_same_step(tmp_path):
     with t, pytest.raises(Stopped, match=r"the launcher \(of a rank\) is gone"):
         t.fit()
     assert t.checkpoints.saved == [1] and t.stop.armed == [(30.0, 1)]  # this rank must exit by the same deadline
+
+
+@dataclass(frozen=True)
+class BadLater(World):
+    """The other rank's batch of step 3 holds a bad sample (its third collective: first batch, steps 1 and 2)."""
+
+    calls: list = field(default_factory=list)
+
+    def max(self, value: int) -> int:
+        self.calls.append(value)
+        return max(value, int(Stop.BAD_SAMPLE) if len(self.calls) == 3 else 0)
+
+
+def test_a_bad_sample_saves_then_stops_every_rank(tmp_path):
+    """A sample that cannot be trained on, found while reading the next step's batch: the finding rank raises its
+    own error after every rank saved the step before it; the others are told (no rank waits in a collective)."""
+    t = make(tmp_path / "a")
+    t.data = FakeData(bad_at={6})
+    with t, pytest.raises(SampleError, match="token 3 is 9999"):
+        t.fit()
+    assert t.checkpoints.saved == [4, 6] and len(t.engine.calls) == 6  # the bad batch was never trained on
+    t = make(tmp_path / "b")
+    t.world = BadLater(rank=0, size=2)
+    with t, pytest.raises(DataError, match=r"another rank read a sample .* of step 3 \(.*\); step 2 was saved"):
+        t.fit()
+    assert t.checkpoints.saved == [2]
+    t = make(tmp_path / "c", start=3)
+    t.data = FakeData(bad_at={3})  # the very first batch: stop before any step, nothing to save
+    with t, pytest.raises(SampleError):
+        t.fit()
+    assert t.checkpoints.saved == [] and t.engine.calls == []
