@@ -4,12 +4,12 @@ Verification checks everything the manifest claims that the files can contradict
 - the manifest itself: every field present with the right type (pretrain.shards.MANIFEST_SCHEMA), shard paths
   inside the dataset directory, the dtype its vocab size needs, special ids below the vocab size, split totals;
 - every shard: both files present (inside the dataset directory, symlinks resolved), index consistent with the
-  .bin, dtype, document, token and byte counts, token ids below the vocab size, every document ending with the
+  .bin, dtype, document, token and byte counts, token ids in [0, vocab size), every document ending with the
   eod id (and starting with the bos id if settings.add_bos), shards closed where settings.shard_tokens says, and
   (unless --no-checksums) sha256 of both files; shard files in the dataset that no manifest entry lists;
 - the tokenizer, if its file is there (the manifest's path, or --tokenizer): sha256, vocab size, eod and bos ids;
-- with that tokenizer, the train/val split: a sample of each split's documents, decoded, must hash to their split
-  under settings.val_fraction and settings.split_seed.
+- with that tokenizer, and only when verification found no problem, the train/val split: a sample of each split's
+  documents, decoded, must hash to their split under settings.val_fraction and settings.split_seed.
 What could not be checked is said. Exit status 0 when the dataset is sound, 1 with one line per problem otherwise.
 """
 
@@ -83,6 +83,7 @@ def split_problems(root: Path, manifest: dict, tok: Tokenizer) -> list[str]:
                 shard = IndexedShard(dataset_shard(root, info.prefix))
             except ShardError:
                 continue  # verify_dataset reports it
+            docs = docs[docs < len(shard)]  # (a manifest may promise more documents than the shard holds)
             wrong = [int(d) for d in docs if split_of(tok, shard[d], settings) != split]
             if wrong:
                 problems.append(
@@ -137,10 +138,13 @@ def check(root: Path, manifest: dict, *, tokenizer: str | None, checksums: bool)
             found.tokenizer = None if found.problems else tok
         except ValueError as e:  # not a sentencepiece model
             found.problems.append(str(e))
-    found.problems += verify_dataset(root, checksums=checksums)
+    shard_problems = verify_dataset(root, checksums=checksums)
+    found.problems += shard_problems
     tok = found.tokenizer
     if tok is None and path.is_file():
         found.unchecked.append("the train/val split (no tokenizer matching the manifest)")
+    elif tok is not None and shard_problems:  # decoding ids outside the vocab, or documents not there, would fail
+        found.unchecked.append("the train/val split (verification found problems)")
     elif tok is not None and manifest.get("split_rule", SPLIT_RULE) != SPLIT_RULE:
         found.unchecked.append("the train/val split (the manifest's split_rule is not this tool's)")
     elif tok is not None and tok.decode(tok.encode(ROUND_TRIP)) != ROUND_TRIP:
@@ -188,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(root, manifest))
         found = check(root, manifest, tokenizer=args.tokenizer, checksums=args.checksums)
         return report(root, manifest, found, args)
-    except (ShardError, FileNotFoundError, ValueError) as e:
+    except (ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file or directory that cannot be read
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", file=sys.stderr)
         return 1
 
 

@@ -6,7 +6,8 @@ depend only on the inputs and the settings, never on the number of workers or th
 
 A document longer than PIECE_CHARS characters is encoded in pieces cut at word boundaries, so sentencepiece's
 memory (about 40 bytes per character it is handed at once) stays bounded; with the tokenizers train-tokenizer makes,
-the ids are those of encoding it whole (see `LongTextEncoder`).
+the ids are those of encoding it whole, except near a cut forced where PIECE_CHARS characters in a row hold no
+space (see `LongTextEncoder`). With tokenizers whose settings make cuts inexact, long documents are encoded whole.
 
 Inputs: see `data_prep.readers` (directories and `**` globs are searched without entering symlinked directories;
 unreadable files and directories follow --on-error like other bad input; .zst frames without a content checksum
@@ -30,7 +31,9 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
+import stat
 import sys
 import time
 from array import array
@@ -130,31 +133,78 @@ def split_salt(seed: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------- workers
+SPACES = " \u2581"  # a space, and "▁" (the whitespace marker, which sentencepiece keeps as is): both become "▁"
+_PIECE = sentencepiece_model_pb2.ModelProto.SentencePiece
+
+
+def piecewise_obstacle(proto: sentencepiece_model_pb2.ModelProto) -> str | None:
+    """The setting of a model that makes `LongTextEncoder`'s cuts at word boundaries inexact, or None (the model is
+    one for which they are exact: train-tokenizer's are)."""
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    if not trainer.split_by_whitespace:
+        return "trainer_spec.split_by_whitespace is false (pieces may span words)"
+    if trainer.treat_whitespace_as_suffix:
+        return "trainer_spec.treat_whitespace_as_suffix is true"
+    if not norm.escape_whitespaces:
+        return "normalizer_spec.escape_whitespaces is false"
+    if norm.remove_extra_whitespaces:
+        return "normalizer_spec.remove_extra_whitespaces is true"
+    if norm.precompiled_charsmap or norm.name not in ("identity", ""):
+        return f"normalizer_spec.name is {norm.name!r}, not 'identity'"
+    for p in proto.pieces:  # e.g. a user-defined symbol with a space inside
+        if p.type in (_PIECE.NORMAL, _PIECE.USER_DEFINED) and re.search("[^\u2581]\u2581", p.piece):
+            return f"its piece {p.piece!r} spans a word boundary"
+    return None
+
+
+def warn_if_encoded_whole(sp: spm.SentencePieceProcessor, name: str) -> None:
+    """Log, once per run (the main process calls it), that long documents are encoded whole with this model."""
+    obstacle = piecewise_obstacle(sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto()))
+    if obstacle:
+        log.warning(
+            "%s: %s, so encoding a long document in pieces could change its token ids: documents longer than %d "
+            "characters are encoded whole (sentencepiece needs about 40 bytes per character)",
+            name,
+            obstacle,
+            PIECE_CHARS,
+        )
+
+
 class LongTextEncoder:
     """Encodes a text in pieces of at most `piece_chars` characters, so that sentencepiece's memory (about 40 bytes
     per character it is handed at once) stays bounded whatever the length of the text.
 
-    A piece ends at a word boundary (a space after a non-space); the next starts after that space, which its dummy
-    prefix ("▁") stands for. A model trained with split_by_whitespace (sentencepiece's default, and train-tokenizer's)
-    has no piece that spans a word boundary, so the ids are exactly those of the whole text. Where no space is in
-    reach (e.g. Chinese), a piece ends after its last newline, else anywhere, and the next is encoded without the
-    dummy prefix: the text is kept exactly, and the ids are the whole text's unless a piece of the model spans the
-    cut (train-tokenizer's models have no piece with a newline).
+    A piece ends at a word boundary: before a run of spaces (or "▁", which the identity normalization leaves as is,
+    so sentencepiece cannot tell it from a space) that follows another character. The next piece starts after the
+    run's first character, which its dummy prefix ("▁") stands for. A model trained with split_by_whitespace
+    (sentencepiece's default, and train-tokenizer's) has no piece that spans such a boundary, so the ids are exactly
+    those of the whole text.
+
+    That holds only for models without the settings `piecewise_obstacle` names (whitespace as a suffix, extra
+    whitespace removed, a normalization other than identity, ...); with such a model a text is encoded whole.
+
+    Where `piece_chars` characters in a row hold no space (e.g. Chinese), a piece ends after its last newline, else
+    after exactly `piece_chars` characters, and the next is encoded without the dummy prefix. The text survives
+    (with byte fallback), but the ids are not always the whole text's: at a newline they are when the model has byte
+    fallback (else a run of unknown characters across the cut is one <unk> whole, two in pieces) and no piece with a
+    newline followed by another character (train-tokenizer's models have no piece with a newline); at a cut
+    mid-text they differ where a piece of the model would span the cut.
     """
 
     def __init__(self, sp: spm.SentencePieceProcessor):
         proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
         self.sp, self.dummy = sp, proto.normalizer_spec.add_dummy_prefix
+        self.whole = piecewise_obstacle(proto) is not None  # cuts could change the ids: encode texts whole
         proto.normalizer_spec.add_dummy_prefix = False
         self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())  # for text after a cut
 
     def encode(self, text: str, piece_chars: int) -> Iterator[list[int]]:
         """The ids of `text`, a piece at a time."""
         start, sp = 0, self.sp
-        while len(text) - start > piece_chars:
+        while not self.whole and len(text) - start > piece_chars:
             end = start + piece_chars
-            cut = text.rfind(" ", start + 1, end)
-            while cut > start and text[cut - 1] == " ":
+            cut = max(text.rfind(c, start + 1, end) for c in SPACES)
+            while cut > start and text[cut - 1] in SPACES:
                 cut -= 1  # a run of spaces starts the next piece, as "▁▁" pieces may exist
             if cut > start:
                 yield sp.encode(text[start:cut], out_type=int)
@@ -279,12 +329,20 @@ def lock_output(out: Path):
         why = f"{blocker} is not a directory" if blocker else e.strerror
         raise OutputError(f"{out}: cannot be used as the output directory ({why})") from None
     path = out / LOCK
-    try:  # never through a symlink, never truncating: a planted link must not clobber (or create) its target
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    not_regular = OutputError(f"{path}: is not a regular file; remove it")
+    # never through a symlink, never truncating: a planted link must not clobber (or create) its target; never
+    # waiting: opening a FIFO for writing waits for a reader (with O_NONBLOCK it fails with ENXIO instead)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EISDIR):
+            raise not_regular from None
         why = "is a symlink; remove it" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
         raise OutputError(f"{path}: {why}") from None
-    f = os.fdopen(fd, "w")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO with a reader, a device, ...
+        os.close(fd)
+        raise not_regular
+    f = os.fdopen(fd, "w")  # only flock-ed, never written: O_NONBLOCK may stay
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -325,6 +383,7 @@ def run(settings: TokenizeSettings) -> dict:
     reader = CorpusReader.from_inputs(settings.inputs, text_field=settings.text_field, on_error=settings.on_error)
     paths = reader.paths
     tok = Tokenizer(settings.tokenizer)
+    warn_if_encoded_whole(tok.sp, settings.tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     out = Path(settings.output)
     tokenizer = tok.describe()

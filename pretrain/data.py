@@ -86,10 +86,12 @@ def open_stream(spec: DatasetSpec, split: str, *, tokenizer: dict, key: str) -> 
         stream = TokenStream(prefixes, name, vocab_size=tokenizer["vocab_size"])
     except (ShardError, DataError) as e:
         raise DataError(f"{key}: {e}") from None
-    if not path.is_dir():  # no manifest vouches for the ids: check them once
+    if not path.is_dir():  # no manifest vouches for the ids: check them once (both ends: int32 shards are signed)
+        low = min((int(s.tokens.min()) for s in stream.shards if s.num_tokens), default=0)
         top = max((int(s.tokens.max()) for s in stream.shards if s.num_tokens), default=0)
-        if top >= tokenizer["vocab_size"]:
-            raise DataError(f"{key}: {path} holds token id {top}, outside the vocab of {tokenizer['vocab_size']}")
+        if low < 0 or top >= tokenizer["vocab_size"]:
+            bad = low if low < 0 else top
+            raise DataError(f"{key}: {path} holds token id {bad}, outside the vocab of {tokenizer['vocab_size']}")
     return stream
 
 

@@ -436,8 +436,10 @@ def verify_shard(root: Path, info: ShardInfo, manifest: dict, *, checksums: bool
     if shard.tokens.nbytes != info.bin_bytes:
         problems.append(f"{prefix}.bin: {shard.tokens.nbytes:,} bytes, manifest says {info.bin_bytes:,}")
     vocab = manifest["tokenizer"]["vocab_size"]
-    if shard.num_tokens and int(shard.tokens.max()) >= vocab:
-        problems.append(f"{prefix}.bin: token id {int(shard.tokens.max())} >= vocab size {vocab}")
+    if shard.num_tokens and (low := int(shard.tokens.min())) < 0:  # (int32 shards are signed)
+        problems.append(f"{prefix}.bin: token id {low} is negative")
+    if shard.num_tokens and (top := int(shard.tokens.max())) >= vocab:
+        problems.append(f"{prefix}.bin: token id {top} >= vocab size {vocab}")
     problems += _document_problems(prefix, shard, manifest)
     if checksums:
         for ext, want in ((".bin", info.bin_sha256), (".idx", info.idx_sha256)):

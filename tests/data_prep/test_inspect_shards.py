@@ -1,10 +1,15 @@
 import json
+import re
 import shutil
 
+import numpy as np
 import pytest
 
 from data_prep import inspect_shards
 from data_prep.__main__ import main as data_prep_main
+from pretrain import shards
+from pretrain.shards import read_manifest
+from pretrain.tokenizer import Tokenizer
 
 from ..helpers import tokenize, write_jsonl
 
@@ -152,3 +157,36 @@ def test_inspect_says_what_it_could_not_check(dataset, tokenizer_path, capsys, t
     assert code == 0 and "not checked" not in out
     assert f"tokenizer  ok: {tokenizer_path} matches the manifest" in out
     assert "split      ok:" in out
+
+
+def test_inspect_does_not_decode_shards_with_ids_outside_the_vocab(dataset, capsys):
+    shard = dataset / "train" / "shard_00000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[0] = 2500  # in document 0, which the split check samples; sentencepiece cannot decode it
+    tokens.tofile(shard)
+    code, out, err = inspect(dataset, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert f"{shard}: token id 2500 >= vocab size 2000" in out
+    assert "not checked: the train/val split (verification found problems)" in out
+
+
+def test_inspect_survives_a_manifest_promising_more_documents(dataset, tokenizer_path, capsys):
+    def inflate_last_train_shard(m):
+        m["splits"]["train"]["shards"][-1]["documents"] += 5
+        m["splits"]["train"]["documents"] += 5
+
+    edit_manifest(dataset, inflate_last_train_shard)
+    code, out, err = inspect(dataset, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert re.search(r"train/shard_\d+\.idx: (\d+) documents, manifest says (\d+)", out)
+    # The split check itself samples only documents the shards hold.
+    assert inspect_shards.split_problems(dataset, read_manifest(dataset), Tokenizer(tokenizer_path)) == []
+
+
+def test_inspect_reports_unreadable_files_without_a_traceback(dataset, capsys, monkeypatch):
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shards, "sha256_file", refuse)
+    code, out, err = inspect(dataset, capsys)
+    assert code == 1 and err.startswith("error: ") and "Permission denied" in err and "Traceback" not in err

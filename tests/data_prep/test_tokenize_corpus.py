@@ -1,4 +1,5 @@
 import gzip
+import io
 import json
 import os
 import re
@@ -11,10 +12,21 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import zstandard
 
 from data_prep import tokenize_corpus
-from data_prep.tokenize_corpus import LongTextEncoder, TokenizeSettings, build_parser, is_val, run, split_salt
+from data_prep.tokenize_corpus import (
+    LongTextEncoder,
+    OutputError,
+    TokenizeSettings,
+    build_parser,
+    is_val,
+    lock_output,
+    run,
+    split_salt,
+    warn_if_encoded_whole,
+)
 from pretrain.shards import IndexedShard, manifest_shards, read_manifest, verify_dataset
 
 from ..helpers import TRICKY, dataset_files, tokenize, write_jsonl
@@ -386,6 +398,37 @@ def test_lock_file_symlink_is_not_followed(tmp_path, corpus, tokenizer_path, cap
     assert tokenize([corpus[0]], out, tokenizer_path) == 0
 
 
+class Hung(Exception):
+    pass
+
+
+def test_lock_file_fifo_is_refused_without_waiting(tmp_path, corpus, tokenizer_path, capsys):
+    out = tmp_path / "ds"
+    out.mkdir()
+    fifo = out / ".lock"
+    os.mkfifo(fifo)
+
+    def hung(*_):
+        raise Hung("opening the lock file waited for a reader of the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # opening a FIFO for writing blocks until a reader comes: fail rather than hang the suite
+    try:
+        assert tokenize([corpus[0]], out, tokenizer_path) == 1
+        assert f"error: {fifo}: is not a regular file; remove it" in capsys.readouterr().err
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # with a reader, the open succeeds: fstat refuses it
+        try:
+            with pytest.raises(OutputError, match=re.escape(f"{fifo}: is not a regular file; remove it")):
+                lock_output(out)
+        finally:
+            os.close(reader)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    fifo.unlink()
+    assert tokenize([corpus[0]], out, tokenizer_path) == 0
+
+
 def test_zstd_without_checksum_is_reported(tmp_path, corpus, tokenizer_path, capsys, caplog):
     lines = corpus[0].read_bytes().splitlines(keepends=True)
     half = len(lines) // 2
@@ -425,3 +468,112 @@ def test_long_documents_give_the_same_shards(tmp_path, speeches, tokenizer_path,
     whole = dataset_files(tmp_path / "whole")
     assert len([k for k in whole if k.endswith(".bin")]) > 3
     assert dataset_files(tmp_path / "pieces") == whole
+
+
+def joined(long, text, piece_chars):
+    return [i for ids in long.encode(text, piece_chars) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def tiny_lines(speeches):
+    """Training lines for tiny tokenizers, half of them with doubled spaces so that pieces of spaces exist."""
+    lines = [line for p in speeches[:20] for line in p.read_text(encoding="utf-8").splitlines() if line]
+    return [line.replace(" ", "  ") if i % 2 else line for i, line in enumerate(lines)]
+
+
+@pytest.fixture(scope="module")
+def spaced_tokenizer(tmp_path_factory, tiny_lines) -> spm.SentencePieceProcessor:
+    """A train-tokenizer model (400 pieces) with a "▁▁" piece, as text with runs of spaces gives."""
+    from data_prep import train_tokenizer
+
+    out = tmp_path_factory.mktemp("spaced")
+    (out / "lines.txt").write_text("\n".join(tiny_lines) + "\n", encoding="utf-8")
+    argv = [str(out / "lines.txt"), "--output", str(out / "sp"), "--vocab-size", "400", "--threads", "1", "--quiet"]
+    assert train_tokenizer.main(argv) == 0
+    return spm.SentencePieceProcessor(model_file=str(out / "sp.model"))
+
+
+def test_whitespace_marker_before_a_cut_keeps_the_ids(spaced_tokenizer):
+    # a literal "▁" is sentencepiece's whitespace marker, which the identity normalization keeps: "alpha▁ beta" is
+    # "▁alpha▁▁beta" to the model, with a word boundary before "▁▁", so no cut may fall between "▁" and " "
+    sp = spaced_tokenizer
+    assert "▁▁" in [sp.id_to_piece(i) for i in sp.encode("alpha▁ beta")]
+    text = "alpha▁ beta ▁gamma  ▁▁ delta▁▁  ▁ epsilon ▁ ▁ zeta▁eta  theta▁ " * 4
+    whole = sp.encode(text, out_type=int)
+    long = LongTextEncoder(sp)
+    for piece_chars in range(12, 60):
+        assert joined(long, text, piece_chars) == whole, piece_chars
+
+
+def train_tiny(lines, **options) -> spm.SentencePieceProcessor:
+    """A 400-piece model with train-tokenizer's settings, except `options`."""
+    settings = dict(
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, **{**settings, **options})
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def encoded_whole(piece_chars):
+    return (
+        f"so encoding a long document in pieces could change its token ids: documents longer than {piece_chars} "
+        "characters are encoded whole (sentencepiece needs about 40 bytes per character)"
+    )
+
+
+# each setting breaks piecewise encoding of this text: pieces across words ("of▁the"), whitespace as a suffix (a word
+# ends after its run of spaces), spaces collapsed around "▁", NFKC making "\u3000 " two spaces (a cut falls between)
+BREAKING = "the state of the union  is   strong▁ and\u3000 free, of the  people " * 6
+
+
+@pytest.mark.parametrize(
+    "options, obstacle",
+    [
+        ({"split_by_whitespace": False}, "trainer_spec.split_by_whitespace is false (pieces may span words)"),
+        ({"treat_whitespace_as_suffix": True}, "trainer_spec.treat_whitespace_as_suffix is true"),
+        ({"remove_extra_whitespaces": True}, "normalizer_spec.remove_extra_whitespaces is true"),
+        ({"normalization_rule_name": "nmt_nfkc"}, "normalizer_spec.name is 'nmt_nfkc', not 'identity'"),
+        ({"user_defined_symbols": ["of▁the"]}, "its piece 'of▁the' spans a word boundary"),
+        ({}, None),
+        ({"add_dummy_prefix": False}, None),
+        ({"model_type": "unigram"}, None),
+    ],
+    ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None,
+)
+def test_models_whose_settings_break_pieces_encode_long_texts_whole(tiny_lines, caplog, options, obstacle):
+    sp = train_tiny(tiny_lines, **options)
+    whole = sp.encode(BREAKING, out_type=int)
+    long = LongTextEncoder(sp)
+    sizes = range(12, 60)
+    assert all(joined(long, BREAKING, n) == whole for n in sizes)
+    assert long.whole == (obstacle is not None)
+    long.whole = False  # in pieces anyway: the setting does change the ids
+    assert all(joined(long, BREAKING, n) == whole for n in sizes) == (obstacle is None)
+    warn_if_encoded_whole(sp, "tiny.model")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ([f"tiny.model: {obstacle}, {encoded_whole(1 << 20)}"] if obstacle else [])
+
+
+def test_run_warns_once_and_encodes_whole_with_such_a_model(tmp_path, tiny_lines, monkeypatch, caplog):
+    model = tmp_path / "tiny.model"
+    model.write_bytes(train_tiny(tiny_lines, split_by_whitespace=False).serialized_model_proto())
+    corpus = write_jsonl(tmp_path / "c.jsonl", [BREAKING * (i + 1) for i in range(12)])
+    args = ["--workers", "2", "--batch-docs", "2"]
+    assert tokenize([corpus], tmp_path / "whole", model, *args) == 0
+    monkeypatch.setattr(tokenize_corpus, "PIECE_CHARS", 40)  # the forked workers inherit it
+    caplog.clear()
+    assert tokenize([corpus], tmp_path / "pieces", model, *args) == 0
+    assert dataset_files(tmp_path / "pieces") == dataset_files(tmp_path / "whole")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"{model}: trainer_spec.split_by_whitespace is false (pieces may span words), {encoded_whole(40)}"
+    ]

@@ -224,3 +224,14 @@ def test_the_sample_guard_catches_negative_ids(tmp_path):
         DataError, match=r"signed, sample \d: token \d is -1, outside the vocab of 100 \(.*s\.bin, token 2\)"
     ):
         [data.sample(k) for k in range(data.num_samples)]
+
+
+def test_a_bare_prefix_with_negative_ids_is_refused_at_the_start(tmp_path):
+    w = ShardWriter(tmp_path / "s", np.int32)
+    w.add(np.array([5, 6, -3, 7, 8], dtype=np.int32), np.array([5]))
+    w.finish(tmp_path)
+    tok = {"path": "t", "sha256": "x", "vocab_size": 100}
+    with pytest.raises(DataError, match=r"data.datasets\[0\]: .*/s holds token id -3, outside the vocab of 100"):
+        build_dataset(
+            [DatasetSpec(str(tmp_path / "s"))], "train", seq_len=2, seed=0, tokenizer=tok, key="data.datasets"
+        )

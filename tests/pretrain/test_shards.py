@@ -19,6 +19,7 @@ from pretrain.shards import (
     read_manifest,
     shard_prefix,
     verify_dataset,
+    verify_shard,
 )
 
 DOCS = [[5, 6, 7], [8], [9, 10]]
@@ -305,3 +306,15 @@ def test_verify_reports_shard_files_no_entry_lists(dataset_copy):
         f"{dataset_copy / 'val' / name}: a shard file that no manifest entry lists (a removed entry?)"
         for name in ("shard_00000.bin", "shard_00000.idx")
     ]
+
+
+def test_verify_shard_catches_negative_ids(tmp_path):
+    w = ShardWriter(tmp_path / "s", np.int32)  # the dtype of vocabularies over 65536: signed
+    w.add(np.array([5, -1, 7, 2], dtype=np.int32), np.array([4]))
+    info = w.finish(tmp_path)
+    manifest = {
+        "dtype": "int32",
+        "tokenizer": {"vocab_size": 70000, "eod_id": 2, "bos_id": 1},
+        "settings": {"add_bos": False, "shard_tokens": 100},
+    }
+    assert verify_shard(tmp_path, info, manifest) == [f"{tmp_path}/s.bin: token id -1 is negative"]
