@@ -45,7 +45,7 @@ import torch
 from pretrain.config import CheckpointConfig
 from pretrain.distributed import World
 from pretrain.errors import BadInput
-from pretrain.fileutil import fsync_dir, write_bytes_atomic, write_json_atomic
+from pretrain.fileutil import fsync_dir, stays_inside, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from pretrain.engine import Engine
@@ -202,7 +202,7 @@ def validate(ckpt_dir: Path, tag: str, *, checksums: bool = True) -> str | None:
         return f"{record_path}: unreadable ({type(e).__name__}: {e})"
     if META not in wanted:
         return f"{record_path}: does not list {META}"
-    outside = [n for n in wanted if Path(n).is_absolute() or ".." in Path(n).parts]
+    outside = [n for n in wanted if not stays_inside(n)]
     if outside:
         return f"{record_path}: lists files outside the checkpoint ({', '.join(outside[:3])})"
     for name, (nbytes, crc) in wanted.items():

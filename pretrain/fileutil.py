@@ -19,6 +19,13 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def stays_inside(name: str) -> bool:
+    """Whether `name` is a relative path that cannot leave the directory it is joined to (no '..', not absolute,
+    not empty); symlinks are for the caller to check when it opens the file."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.fileutil import commit, sha256_file, tmp_name
+from pretrain.fileutil import commit, sha256_file, stays_inside, tmp_name
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -291,7 +291,7 @@ def _is_int(v) -> bool:
 
 def _is_relative_inside(v) -> bool:
     """A path relative to the dataset directory that does not leave it (symlinks are checked when opening)."""
-    return isinstance(v, str) and v != "" and not v.startswith("/") and ".." not in v.split("/")
+    return isinstance(v, str) and stays_inside(v)
 
 
 DTYPE_NAMES = tuple(np.dtype(t).name for t in DTYPE_CODES.values() if np.issubdtype(t, np.integer))
