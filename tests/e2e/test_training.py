@@ -196,4 +196,5 @@ def test_a_bad_token_found_by_rank_1_is_reported_by_rank_1(tmp_path, tokenizer_p
     ), result.stderr[-3000:]
     assert "error: another rank read a sample it cannot train on in the batch of step 1" in result.stderr
     assert "IndexError" not in result.stderr and "]: Traceback" not in result.stderr  # no rank's traceback
-    assert result.stderr.count("exitcode  : 2 ") == 2, result.stderr[-3000:]  # torchrun's report: both ranks, 2
+    # torchrun's report: rank 1 exited 2 (rank 0, which stops with 2 as well, may be SIGTERMed by torchrun first)
+    assert "exitcode  : 2 " in result.stderr, result.stderr[-3000:]
