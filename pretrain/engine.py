@@ -356,11 +356,22 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint files
+# DeepSpeed's converter, run as a script with every torch.load in it (its workers' too) restricted as the trainer's
+# own loads are (pretrain.checkpoint.restricted_unpickling)
+RESTRICTED_CONVERTER = """
+import runpy, sys
+sys.path.insert(0, sys.argv.pop(1))
+from pretrain.checkpoint import restricted_unpickling
+with restricted_unpickling():
+    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+"""
+
+
 def convert_to_universal(src: Path, out: Path) -> None:
-    """DeepSpeed's conversion of a ZeRO checkpoint directory to its universal format (in a subprocess, one worker);
-    raises RuntimeError with the tail of its output when it fails."""
+    """DeepSpeed's conversion of a ZeRO checkpoint directory to its universal format (in a subprocess, one worker,
+    its unpickling restricted); raises RuntimeError with the tail of its output when it fails."""
     cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        sys.executable, "-c", RESTRICTED_CONVERTER, str(Path(__file__).resolve().parents[1]),
         "--input_folder", str(src), "--output_folder", str(out), "--num_extract_workers", "1",
         "--num_merge_workers", "1",
     ]  # fmt: skip

@@ -318,3 +318,20 @@ def test_a_symlink_inside_a_checkpoint_is_refused(tmp_path, world, ds_json):
     (m.dir / "step_00000001" / "zero").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match="zero: a symlink inside a checkpoint; refusing to load it"):
         manager(tmp_path, world).find()
+
+
+def test_the_universal_converter_unpickles_restricted(tmp_path, world, ds_json):
+    """DeepSpeed's converter (a process of its own) runs under the same restriction: a planted pickle in a ZeRO file
+    makes the conversion fail and never runs."""
+    from pretrain.engine import convert_to_universal
+
+    m = manager(tmp_path, world, tiny_engine(ds_json(1), **to_dict(MODEL)))
+    m.save(1)
+    marker, d = tmp_path / "code-ran", m.dir / "step_00000001"
+    (states,) = d.glob("*optim_states.pt")
+    with checkpoint.restricted_unpickling():
+        state = torch.load(states, weights_only=False)
+    torch.save({**state, "planted": RunsCode(marker)}, states)
+    with pytest.raises(RuntimeError, match="UnpicklingError"):
+        convert_to_universal(d, tmp_path / "universal")
+    assert not marker.exists()
