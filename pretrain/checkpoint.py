@@ -330,11 +330,13 @@ def check_pickles(directory: Path) -> None:
     build callables any other way); nothing in it is run."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
-    for d, dirs, files in os.walk(directory):  # a link could bring in files the scan below never sees
+    pickles = []
+    for d, dirs, files in os.walk(directory):  # a link could bring in files this scan never sees
         links = [name for name in dirs + files if os.path.islink(os.path.join(d, name))]
         if links:
             raise CheckpointError(f"{Path(d) / links[0]}: a symlink inside a checkpoint; refusing to load it")
-    for path in sorted(directory.rglob("*.pt")):
+        pickles += [Path(d) / name for name in files if name.endswith(".pt")]
+    for path in sorted(pickles):
         try:
             with torch.serialization.safe_globals(numpy_array_globals()):
                 names = set(get_unsafe_globals_in_checkpoint(path))

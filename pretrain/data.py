@@ -53,7 +53,7 @@ class TokenStream:
         """Tokens [start, start + length) as int64, across shard boundaries."""
         out = np.empty(length, dtype=np.int64)
         filled = 0
-        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        i, _ = self.shard_at(start)
         while filled < length:
             shard = self.shards[i]
             offset = start + filled - int(self.starts[i])
@@ -63,10 +63,15 @@ class TokenStream:
             i += 1
         return out
 
+    def shard_at(self, position: int) -> tuple[int, int]:
+        """(shard number, token offset in it) of token `position` of the stream."""
+        i = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return i, position - int(self.starts[i])
+
     def locate(self, position: int) -> str:
         """Where token `position` of the stream lies: its shard file and its place in it."""
-        i = int(np.searchsorted(self.starts, position, side="right")) - 1
-        return f"{shard_file(self.shards[i].prefix, '.bin')}, token {position - int(self.starts[i]):,}"
+        i, offset = self.shard_at(position)
+        return f"{shard_file(self.shards[i].prefix, '.bin')}, token {offset:,}"
 
 
 def open_stream(spec: DatasetSpec, split: str, *, tokenizer: dict, key: str) -> TokenStream:

@@ -183,10 +183,10 @@ def test_a_bad_token_found_by_rank_1_is_reported_by_rank_1(tmp_path, tokenizer_p
     (d,), (k,) = blend(train.weights, start, 1)
     position = train.datasets[d].window_of(int(k)) * 32 + 5  # ... its 6th token
     stream = train.datasets[d].stream
-    i = int(np.searchsorted(stream.starts, position, side="right")) - 1
+    i, offset = stream.shard_at(position)
     shard = IndexedShard(stream.shards[i].prefix)
     with open(shard_file(shard.prefix, ".bin"), "r+b") as f:
-        f.seek((position - int(stream.starts[i])) * shard.dtype.itemsize)
+        f.seek(offset * shard.dtype.itemsize)
         f.write(np.array([tokenizer.vocab_size + 7], dtype=shard.dtype).tobytes())
     args = tiny_overrides(tokenizer_path, data, tmp_path / "r") + ["train.global_batch_seqs=8", "train.max_steps=2"]
     result = pretrain("torchrun", 2, [*args, "train.micro_batch_seqs=4", "train.eval_every=0"])
