@@ -15,11 +15,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from pretrain.attempt import Attempt
 from pretrain.checkpoint import CheckpointManager, CheckpointMeta
 from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_dict, to_yaml
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
@@ -77,6 +80,14 @@ def set_aside(run_dir: Path) -> Path | None:
     return dest
 
 
+def deadline_message(status: int) -> str:
+    """What a deadline exit with `status` means (pretrain.job.StopRequest)."""
+    if status > 128:
+        name = signal.Signals(status - 128).name
+        return f"{name}: train.stop_grace_seconds ran out (or a second signal came) before the save finished"
+    return "the launcher is gone and train.orphan_grace_seconds ran out before a save finished"
+
+
 def validation_data(
     data: DataConfig, plan: BatchPlan, *, tokenizer: dict, wanted: int
 ) -> tuple[BlendedDataset | None, int]:
@@ -103,7 +114,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     try:
         return _build(cfg, world, launcher, stack, started)
     except BaseException:
-        stack.close()
+        stack.__exit__(*sys.exc_info())  # the attempt record learns how the start failed
         raise
 
 
@@ -115,10 +126,14 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         tune_cpu_allocator()
     run_dir = Path(t.run_dir)
     lock = stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
+    attempt = Attempt(run_dir, run_dir / CHECKPOINTS) if world.is_main else None
     stop = StopRequest(t.stop_signals, t.stop_grace_seconds)
     stack.callback(stop.restore)
-    if lock is not None:
-        stop.before_exit.append(lock.release)  # a deadline exit leaves the directory to the next job
+    if attempt is not None:  # recorded while the stop signals are still handled: srun --kill-on-bad-exit TERMs
+        stack.push(lambda kind, error, tb: attempt.end(error))  # rank 0 as soon as another rank has exited 3
+    if lock is not None:  # a deadline exit records how the attempt ended and leaves the directory to the next job
+        stop.before_exit.append(lambda status: attempt.end_status(status, deadline_message(status)))
+        stop.before_exit.append(lambda status: lock.release())
     if launcher is not None:
         watch = LauncherWatch(launcher, lambda gone: stop.launcher_gone(gone.describe(), t.orphan_grace_seconds))
         stack.callback(watch.close)
@@ -146,6 +161,8 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
     point = checkpoints.find()
     model = engine.build(cfg.model, seed=t.seed, load_universal=point is not None and point.universal)
     start_step = checkpoints.load(point) if point is not None else 0
+    if attempt is not None:
+        attempt.start_step = start_step
 
     metrics = Metrics(run_dir, rank=world.rank, tensorboard=cfg.logging.tensorboard, start_step=start_step)
     stack.callback(metrics.close)

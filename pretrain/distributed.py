@@ -17,6 +17,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from pretrain import slurm
+
 
 @dataclass(frozen=True)
 class World:
@@ -68,24 +70,44 @@ class World:
 
 
 def init_distributed() -> World:
-    """Join the process group the launcher describes (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment), or
-    make a group of one for a process started directly. DeepSpeed picks the backend for the accelerator (nccl on
-    CUDA, gloo on CPU); each rank then uses the accelerator of its local rank."""
+    """Join the process group the launcher describes (RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment set by
+    torchrun or deepspeed; for the tasks of an `srun` step, from Slurm's variables), or make a group of one for a
+    process started directly. Several processes that would each train alone are refused (LaunchError). DeepSpeed
+    picks the backend for the accelerator (nccl on CUDA, gloo on CPU); each rank uses the device of its local rank."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:  # plain `python`: a process group of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "RANK" not in os.environ:
+        joined = slurm.join_env(os.environ)
+        if joined is None:  # plain `python`: a process group of one
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            joined = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(joined)
     world = World(rank=int(os.environ["RANK"]), size=int(os.environ.get("WORLD_SIZE", "1")),
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
-    get_accelerator().set_device(world.local_rank)  # before any collective: one device per rank
+    slurm.check_world(os.environ, world.size)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":  # before any collective: one device per rank
+        accelerator.set_device(device_index(world.local_rank, accelerator.device_count()))
     deepspeed.init_distributed(verbose=False)
     atexit.register(leave_distributed)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=world.local_rank)
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The device a rank uses: its local rank among the node's visible devices, or the only one it sees (srun
+    --gpus-per-task and similar bindings give each task one device, numbered 0)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise slurm.LaunchError(
+            f"local rank {local_rank} has no device: this process sees {visible} (CUDA_VISIBLE_DEVICES or the "
+            "scheduler's binding); start as many ranks per node as it has devices"
+        )
+    return local_rank
 
 
 def leave_distributed() -> None:

@@ -41,9 +41,14 @@ class BadInput(RunError):
 
 
 class Stopped(RunError):
-    """The run stopped early after saving a checkpoint."""
+    """The run stopped early after saving a checkpoint; `why` names the cause (signal, wall_time, at_step,
+    launcher_gone)."""
 
     exit_code = EXIT_STOPPED
+
+    def __init__(self, message: str, why: str = "signal"):
+        super().__init__(message)
+        self.why = why
 
 
 class NonFinite(RunError):
@@ -67,3 +72,18 @@ class LauncherGone(RunError):
 def exit_code(error: BaseException) -> int:
     """The exit status for an exception that ended a run."""
     return error.exit_code if isinstance(error, RunError) else EXIT_FAILED
+
+
+def run_tool(body, *args) -> int:
+    """A command-line tool's body, run: its exit status, or that of the RunError or OSError it raised, reported on
+    stderr as `error: ...` (no traceback: the message names the key, file or node)."""
+    import sys
+
+    try:
+        return body(*args)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exit_code(e)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED

@@ -104,7 +104,7 @@ class Trainer:
             if stop and not final:
                 reason = self.describe(stop, step)
                 self.metrics.console(f"stopping at step {step}: {reason}; resume with the same command")
-                raise Stopped(reason)
+                raise Stopped(reason, why=stop.name.lower())
         return last
 
     def read_batch(self, step: int) -> tuple[list | None, SampleError | None]:
@@ -161,11 +161,11 @@ class Trainer:
         local, limit, grace = Stop.NO, self.train.max_wall_time, self.train.orphan_grace_seconds
         if bad is not None:
             local = Stop.BAD_SAMPLE
+        elif self.stop.signal_name:  # its deadline (train.stop_grace_seconds) holds, its launcher gone or not
+            local = Stop.SIGNAL
         elif self.stop.launcher:
             left = grace - (time.monotonic() - self.stop.launcher_since)
             local = Stop.LAUNCHER_GONE if self.save_estimate() <= left else Stop.LAUNCHER_GONE_NO_TIME
-        elif self.stop.signal_name:
-            local = Stop.SIGNAL
         elif step == self.train.stop_at_step:
             local = Stop.AT_STEP
         elif limit is not None and time.monotonic() - self.started + self.save_estimate() > limit:
@@ -224,12 +224,14 @@ class Trainer:
         self.metrics.flush()
         return values
 
-    def close(self) -> None:
-        """Release what the run holds (metrics files, launcher watch, the run directory lock)."""
-        self.resources.close()
+    def close(self, *exc) -> None:
+        """Release what the run holds (metrics files, launcher watch, the run directory lock), once the run has
+        ended: `exc` is how (the exception's type, value and traceback; none when it finished), which the attempt
+        record in the run directory keeps."""
+        self.resources.__exit__(*(exc or (None, None, None)))
 
     def __enter__(self) -> Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(*exc)

@@ -83,3 +83,17 @@ def ds_json(tmp_path):
         return str(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A live 2-node Slurm cluster on this machine (tests/slurm_cluster.py); Slurm is installed with apt when it is
+    missing and this is root, else the tests that use it are skipped, saying why."""
+    from .slurm_cluster import SlurmCluster, ensure_installed
+
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()

@@ -66,6 +66,23 @@ def tiny_overrides(tokenizer_path: Path, dataset: Path, run_dir: Path) -> list[s
     ]
 
 
+def cluster_args(tokenizer_path: Path, dataset: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """The arguments (config and overrides) of the multi-node and Slurm tests: a tiny model, global batch 4
+    (2 ranks x micro-batch 2), a loss logged every step, a checkpoint every 10 steps."""
+    return [
+        "--config",
+        "launch/configs/demo.yaml",
+        *tiny_overrides(tokenizer_path, dataset, run_dir),
+        "train.global_batch_seqs=4",
+        "train.micro_batch_seqs=2",
+        f"train.max_steps={steps}",
+        "train.eval_every=0",
+        "logging.log_every=1",
+        "checkpoint.save_every=10",
+        *extra,
+    ]
+
+
 def blended_args(tokenizer_path, dataset_a, dataset_b, run_dir, stage, steps=6) -> list[str]:
     """A blend of two datasets (weights 3:1), 2 ranks x micro-batch 2 x accumulation 2, a checkpoint every 2 steps."""
     return tiny_overrides(tokenizer_path, dataset_a, run_dir) + [

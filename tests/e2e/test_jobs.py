@@ -88,3 +88,35 @@ def test_one_job_per_run_dir_and_no_rank_outlives_its_launcher(tmp_path, tokeniz
     assert losses(run) == losses(ref) and len(losses(ref)) == STEPS // 5
     a, b = final_weights(run), final_weights(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "kind, name, launcher_status",
+    [("torchrun", "SIGTERM", 1), ("torchrun", "SIGUSR1", -signal.SIGUSR1), ("deepspeed", "SIGTERM", -signal.SIGTERM),
+     ("deepspeed", "SIGUSR1", -signal.SIGUSR1)],
+)  # fmt: skip
+def test_a_stop_signal_to_the_launcher_alone_leaves_no_rank_running(
+    tmp_path, tokenizer_path, tiny_dataset, kind, name, launcher_status
+):
+    """What a supervisor or `kill PID` does: the signal reaches the launcher's process only. torchrun passes
+    SIGTERM on but dies of SIGUSR1; the deepspeed command dies of both at once. Either way every rank saves and
+    exits, and the run directory records the attempt as stopped (launchers' statuses differ: torchrun 1 or 138,
+    deepspeed 143 or 138)."""
+    run = tmp_path / "run"
+    log = open(tmp_path / "job.log", "w")
+    proc = start_pretrain(kind, 2, args_for(tokenizer_path, tiny_dataset, run), stdout=log, stderr=log)
+    assert wait_for_step(run, 5, proc), (tmp_path / "job.log").read_text()[-3000:]
+    ranks = ranks_of(psutil.Process(proc.pid))
+    assert len(ranks) == 2
+    os.kill(proc.pid, getattr(signal, name))
+    sent = time.monotonic()
+    while running(ranks) and time.monotonic() - sent < 60:
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    log.close()
+    out = (tmp_path / "job.log").read_text()
+    assert not running(ranks), out[-3000:]
+    assert proc.returncode == launcher_status  # what the launcher itself reports (negative: killed by that signal)
+    record = json.loads((run / "attempt.json").read_text())
+    assert record["state"] == "stopped" and record["exit_status"] == 3, (record, out[-3000:])
+    assert record["saved_step"] >= 5 and (run / "checkpoints" / "latest").exists()

@@ -1,4 +1,4 @@
-"""One job per run directory (the lock), and the launcher watch, in this process."""
+"""One job per run directory (the lock), the launcher watch and stop signals, in this process."""
 
 import dataclasses
 import json
@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from pretrain.errors import RunDirBusy
-from pretrain.job import LOCK, Holder, Launcher, LauncherWatch, RunLock
+from pretrain.job import LOCK, Holder, Launcher, LauncherWatch, RunLock, StopRequest
 
 
 def write_lock(run_dir, holder: Holder, *, age: float = 0.0):
@@ -180,3 +180,21 @@ def test_a_process_started_directly_has_no_launcher():
         [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "TORCHELASTIC_RUN_ID": "x"}
     )
     assert out.stdout.strip() == "torchrun"
+
+
+def test_a_stop_signal_delivered_twice_at_once_is_one_request(monkeypatch):
+    """Under Slurm a rank of torchrun gets a step's signal from Slurm and again from torchrun: the second copy,
+    within StopRequest.SAME_REQUEST seconds, must not turn a save into an exit at once; a later one does."""
+    stop = StopRequest(["SIGUSR1", "SIGTERM"], grace=60)
+    exits, deadlines = [], []
+    monkeypatch.setattr(stop, "exit_now", exits.append)
+    monkeypatch.setattr(stop, "arm_deadline", lambda seconds, status: deadlines.append((seconds, status)))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGUSR1" and exits == [] and deadlines == [(60, 128 + signal.SIGUSR1)]
+        stop.signal_at -= StopRequest.SAME_REQUEST + 1  # the user insists, later
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        stop.restore()

@@ -1,0 +1,64 @@
+"""Multi-node without Slurm: launch/torchrun.sh on two "nodes" (two invocations on this machine, one rank each)
+forms one run whose losses equal a 2-rank torchrun run's, and reports launch/pretrain.py's exit status, not
+torchrun's."""
+
+import json
+import subprocess
+import sys
+
+from ..helpers import REPO, cluster_args, free_port, losses, pretrain, run_env
+
+
+def args_for(tokenizer_path, dataset, run_dir, *extra):
+    return cluster_args(tokenizer_path, dataset, run_dir, 6, *extra)
+
+
+def two_nodes(args) -> list[subprocess.CompletedProcess]:
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**run_env(), "PYTHON": sys.executable}
+    nodes = [
+        subprocess.Popen(
+            ["bash", "launch/torchrun.sh", "2", str(rank), endpoint, "--procs-per-node", "1", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in nodes]
+
+
+def test_two_nodes_train_as_one_run(tmp_path, tokenizer_path, tiny_dataset):
+    ref = pretrain("torchrun", 2, args_for(tokenizer_path, tiny_dataset, tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    node0, node1 = two_nodes(args_for(tokenizer_path, tiny_dataset, tmp_path / "run"))
+    assert (node0.returncode, node1.returncode) == (0, 0), node0.stderr[-3000:] + node1.stderr[-3000:]
+    assert "finished (exit status 0)" in node0.stdout
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    assert json.loads((tmp_path / "run" / "attempt.json").read_text())["state"] == "finished"
+
+
+def test_a_stop_after_saving_exits_3_where_torchrun_says_1(tmp_path, tokenizer_path, tiny_dataset):
+    args = args_for(tokenizer_path, tiny_dataset, tmp_path / "run", "train.stop_at_step=2")
+    alone = pretrain("torchrun", 2, args_for(tokenizer_path, tiny_dataset, tmp_path / "alone", "train.stop_at_step=2"))
+    assert alone.returncode == 1  # what torchrun itself reports for the ranks' exit 3
+    node0, node1 = two_nodes(args)
+    assert node0.returncode == 3, node0.stdout + node0.stderr[-3000:]
+    assert "stopped (exit status 3): train.stop_at_step 2" in node0.stdout
+    assert node1.returncode == 1  # torchrun's own, on the other node
+
+
+def test_bad_arguments_are_refused_before_anything_starts(tmp_path, tokenizer_path, tiny_dataset):
+    args = args_for(tokenizer_path, tiny_dataset, tmp_path / "run")
+    for argv, message in [
+        (["2", "2", "127.0.0.1:1", *args], "NODE_RANK 2 is not below NNODES 2"),
+        (["2", "0", "127.0.0.1", *args], "must be HOST:PORT"),
+        (["2", "0", "127.0.0.1:1", "--bogus", *args], "unknown option --bogus"),
+        (["2", "0", "127.0.0.1:1", *args, "model.no_such_key=1"], "model.no_such_key"),
+    ]:
+        r = subprocess.run(["bash", "launch/torchrun.sh", *argv], cwd=REPO, env={**run_env(), "PYTHON": sys.executable},
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 2 and message in r.stderr, (argv, r.stderr)
+    assert not (tmp_path / "run").exists()
