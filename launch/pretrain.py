@@ -2,7 +2,9 @@
 
     deepspeed --num_gpus 2 launch/pretrain.py --config launch/configs/demo.yaml train.max_steps=200
     torchrun --nproc_per_node 2 launch/pretrain.py --config launch/configs/demo.yaml
+    srun -N2 --ntasks-per-node=8 python launch/pretrain.py --config ...  # each Slurm task joins as a rank
     python launch/pretrain.py --config launch/configs/demo.yaml          # one process
+    sbatch launch/slurm/pretrain.sbatch --config ...                     # a Slurm job that requeues itself
 
 Arguments after the config are dotted overrides (`section.key=value`, values parsed as YAML).
 Exit status: 0 done; 3 stopped early by a stop signal (SIGTERM, SIGUSR1), train.max_wall_time, train.stop_at_step
@@ -11,7 +13,8 @@ configuration, data or checkpoint (the message names the key or file); 4 stopped
 consecutive steps with non-finite loss or gradients (each skipped; the last good checkpoint is untouched); 5 the
 run directory is held by another job that is still running (the message names it); 1 anything else (an I/O error
 included).
-(The table is pretrain/errors.py.)
+(The table is pretrain/errors.py.) Rank 0 also records how the attempt ended in <run_dir>/attempts/<id>.json, which
+launch/attempt.py reads for scripts behind launchers that report 1 for every non-zero status (torchrun).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import load_config  # noqa: E402
+from pretrain.distributed import launch_rank  # noqa: E402
 from pretrain.errors import EXIT_OK, RunError, Stopped, exit_code  # noqa: E402
 
 
@@ -42,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return launch_rank(os.environ) == 0
 
 
 def setup_logging() -> None:
@@ -73,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0():
             print(f"error: {e}", file=sys.stderr)
         elif e.rank_local:  # rank 0 may not know it
-            print(f"error: rank {os.environ['RANK']}: {e}", file=sys.stderr)
+            print(f"error: rank {launch_rank(os.environ)}: {e}", file=sys.stderr)
         return exit_code(e)
     except OSError as e:  # the disk, the network file system, a file removed under the run: not the config
-        print(f"error: rank {os.environ.get('RANK', '0')}: I/O error: {e}", file=sys.stderr)
+        print(f"error: rank {launch_rank(os.environ)}: I/O error: {e}", file=sys.stderr)
         return exit_code(e)
     return EXIT_OK
 

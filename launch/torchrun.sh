@@ -42,13 +42,14 @@ fi
 "$python" launch/attempt.py check "$@" >/dev/null || exit 2   # a bad config stops here, on every node
 
 export PRETRAIN_ATTEMPT_ID="torchrun-$(date -u +%Y%m%dT%H%M%S)-$host-$port"
-trap 'kill -TERM "$pid" 2>/dev/null' TERM INT USR1
+pid=""
+trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT USR1
 "$python" -m torch.distributed.run --nnodes="$nnodes" --node-rank="$node_rank" --nproc-per-node="$nproc" \
     --master-addr="$host" --master-port="$port" --max-restarts=0 --shutdown-timeout=3600 launch/pretrain.py "$@" &
 pid=$!
-while true; do
-    wait "$pid"; status=$?
-    kill -0 "$pid" 2>/dev/null || break   # interrupted by a trapped signal: torchrun is still stopping the ranks
+while kill -0 "$pid" 2>/dev/null; do
+    wait "$pid"   # returns early when a trapped signal comes: torchrun is still stopping the ranks
 done
+wait "$pid"; status=$?   # torchrun's own status (bash keeps it)
 [ "$node_rank" -eq 0 ] || exit "$status"
 "$python" launch/attempt.py status --otherwise "$status" "$@"

@@ -26,8 +26,9 @@ from pretrain.attempt import Attempt
 from pretrain.checkpoint import CheckpointManager, CheckpointMeta
 from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_dict, to_yaml
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
-from pretrain.distributed import World, init_distributed, leave_distributed
+from pretrain.distributed import World, init_distributed, launch_rank, leave_distributed
 from pretrain.engine import Engine, accelerator_name, peak_flops_per_device, tune_cpu_allocator
+from pretrain.errors import Stopped
 from pretrain.fileutil import fsync_dir, write_bytes_atomic, write_json_atomic
 from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
 from pretrain.metrics import JSONL, TENSORBOARD, Metrics
@@ -84,8 +85,21 @@ def deadline_message(status: int) -> str:
     """What a deadline exit with `status` means (pretrain.job.StopRequest)."""
     if status > 128:
         name = signal.Signals(status - 128).name
-        return f"{name}: train.stop_grace_seconds ran out (or a second signal came) before the save finished"
+        return f"{name}: train.stop_grace_seconds ran out before the run could save and exit"
     return "the launcher is gone and train.orphan_grace_seconds ran out before a save finished"
+
+
+def ended(attempt, world: World, error: BaseException | None) -> None:
+    """The run has ended (`error`: how; None when it finished): rank 0 records it while the stop signals are still
+    handled, and after a clean end (finished, or stopped after saving: every rank got here together) no rank exits
+    before it has, since launchers end the last ranks once one has exited (srun --kill-on-bad-exit, torchrun)."""
+    if attempt is not None:
+        attempt.end(error)
+    if error is None or isinstance(error, Stopped):
+        try:
+            world.barrier()
+        except Exception as e:  # a rank gone already: nothing left to wait for
+            log.warning("the last barrier failed (%s)", e)
 
 
 def validation_data(
@@ -107,18 +121,24 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     """Build every part of a run from its config and hand them to a Trainer (closing what was opened if a part
     fails). Every rank calls this together."""
     started = time.monotonic()  # train.max_wall_time counts the start-up too
-    launcher = detect_launcher()
-    world = init_distributed()
+    run_dir = Path(cfg.train.run_dir)
     stack = contextlib.ExitStack()
-    stack.callback(leave_distributed)  # closed last, after everything that may still talk to the other ranks
+    # rank 0 (by its launcher's word, before joining) records the attempt from the start: a start that fails (a
+    # launch that cannot join, a busy run directory) is recorded too; its own file, so it disturbs no other job
+    attempt = Attempt(run_dir, run_dir / CHECKPOINTS) if launch_rank(os.environ) == 0 else None
+    if attempt is not None:
+        stack.push(lambda kind, error, tb: attempt.end(error))  # (an end recorded earlier wins)
     try:
-        return _build(cfg, world, launcher, stack, started)
+        launcher = detect_launcher()
+        world = init_distributed()
+        stack.callback(leave_distributed)  # closed last, after everything that may still talk to the other ranks
+        return _build(cfg, world, launcher, stack, started, attempt)
     except BaseException:
         stack.__exit__(*sys.exc_info())  # the attempt record learns how the start failed
         raise
 
 
-def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, started: float) -> Trainer:
+def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, started: float, attempt) -> Trainer:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -126,13 +146,12 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         tune_cpu_allocator()
     run_dir = Path(t.run_dir)
     lock = stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
-    attempt = Attempt(run_dir, run_dir / CHECKPOINTS) if world.is_main else None
     stop = StopRequest(t.stop_signals, t.stop_grace_seconds)
     stack.callback(stop.restore)
-    if attempt is not None:  # recorded while the stop signals are still handled: srun --kill-on-bad-exit TERMs
-        stack.push(lambda kind, error, tb: attempt.end(error))  # rank 0 as soon as another rank has exited 3
+    stack.push(lambda kind, error, tb: ended(attempt, world, error))
     if lock is not None:  # a deadline exit records how the attempt ended and leaves the directory to the next job
-        stop.before_exit.append(lambda status: attempt.end_status(status, deadline_message(status)))
+        if attempt is not None:
+            stop.before_exit.append(lambda status: attempt.end_status(status, deadline_message(status)))
         stop.before_exit.append(lambda status: lock.release())
     if launcher is not None:
         watch = LauncherWatch(launcher, lambda gone: stop.launcher_gone(gone.describe(), t.orphan_grace_seconds))

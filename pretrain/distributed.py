@@ -1,7 +1,7 @@
 """The process group: joining it (the one bootstrap every entry point and benchmark uses) and the few collectives
 the training loop and the checkpoint manager need.
 
-    world = init_distributed()        # under deepspeed / torchrun, or a group of one under plain `python`
+    world = init_distributed()        # under deepspeed / torchrun / srun, or a group of one under plain `python`
     world.rank, world.size, world.local_rank
     world.broadcast(obj)              # rank 0's object on every rank
     leave_distributed()               # at the end (also run at exit, as a backstop)
@@ -90,24 +90,34 @@ def init_distributed() -> World:
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
     slurm.check_world(os.environ, world.size)
     accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":  # before any collective: one device per rank
-        accelerator.set_device(device_index(world.local_rank, accelerator.device_count()))
+    if accelerator.device_name() != "cpu":  # before any collective: one device per rank (DeepSpeed does the same)
+        check_device(world.local_rank, accelerator.device_count())
+        accelerator.set_device(world.local_rank)
     deepspeed.init_distributed(verbose=False)
     atexit.register(leave_distributed)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=world.local_rank)
 
 
-def device_index(local_rank: int, visible: int) -> int:
-    """The device a rank uses: its local rank among the node's visible devices, or the only one it sees (srun
-    --gpus-per-task and similar bindings give each task one device, numbered 0)."""
-    if visible == 1:
-        return 0
+def launch_rank(env) -> int:
+    """This process's rank as its launcher says before it joins (RANK; SLURM_PROCID for a task of an srun step of
+    several; else 0, a process alone): the one that logs, reports errors and records the attempt."""
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"])
+    if slurm.step_tasks(env) > 1 and env.get("SLURM_PROCID", "").isdigit():
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
+def check_device(local_rank: int, visible: int) -> None:
+    """Each rank uses the device numbered by its local rank (DeepSpeed sets it from LOCAL_RANK as well), so every
+    rank of a node must see all of the node's devices: srun --gpus-per-task (one device per task, each numbered 0)
+    does not fit."""
     if not 0 <= local_rank < visible:
         raise slurm.LaunchError(
             f"local rank {local_rank} has no device: this process sees {visible} (CUDA_VISIBLE_DEVICES or the "
-            "scheduler's binding); start as many ranks per node as it has devices"
+            "scheduler's binding). Every rank of a node must see all its GPUs: with Slurm, ask --gpus-per-node, not "
+            "--gpus-per-task or --gpu-bind; start as many ranks per node as it has GPUs"
         )
-    return local_rank
 
 
 def leave_distributed() -> None:

@@ -11,8 +11,8 @@ The one table of exit statuses; launchers, Slurm scripts and tests ask it:
   4  too many consecutive non-finite steps (the last good checkpoint is left as it was)
   5  the run directory belongs to another job that is still alive (the message names it), or this run's lock was
      taken over by another job (its heartbeat had stopped for train.lock_stale_seconds)
-  128 + N  a second stop signal N, or the first one's train.stop_grace_seconds ran out before the save finished
-     (as a shell reports a process killed by signal N)
+  128 + N  stop signal N's train.stop_grace_seconds ran out before the run could save and exit (as a shell
+     reports a process killed by signal N)
 """
 
 from __future__ import annotations

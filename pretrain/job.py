@@ -271,20 +271,17 @@ def _alive(pid: int, started: float) -> bool:
 
 # ----------------------------------------------------------------------------------------------- stop requests
 class StopRequest:
-    """Why the run should stop early. The first stop signal asks the loop to save and exit (within `grace`
-    seconds, saved or not); a second one, from SAME_REQUEST seconds after the first, exits at once (status 128 +
-    the signal's number, as a shell reports a process killed by it). The launcher watch asks through
-    `launcher_gone`. Before any such exit, the callables in `before_exit` run with the exit status (the attempt is
-    recorded and the run directory lock released there). `restore()` puts the earlier handlers back."""
-
-    # A second signal this soon after the first is the same request delivered twice, not a user insisting: Slurm
-    # signals every process of a job step, so a rank under torchrun gets the signal from Slurm and again from
-    # torchrun, which forwards it (measured: within milliseconds).
-    SAME_REQUEST = 5.0
+    """Why the run should stop early. The first stop signal asks the loop to save and exit, and arms a deadline:
+    `grace` seconds later the process exits, saved or not (status 128 + the signal's number, as a shell reports a
+    process killed by it). Later stop signals change nothing: they are copies (Slurm signals every process of a
+    job step, and torchrun forwards the same signal to its ranks a few milliseconds later), or a second stage (a
+    time limit's TERM after its warning; a launcher terminating the last rank once the others have exited), and
+    none of them may cut a save short; SIGKILL is the way to exit at once. The launcher watch asks through
+    `launcher_gone`. Before a deadline exit, the callables in `before_exit` run with the exit status (the attempt
+    is recorded and the run directory lock released there). `restore()` puts the earlier handlers back."""
 
     def __init__(self, names: list[str], grace: float):
         self.signal_name: str | None = None
-        self.signal_at = 0.0
         self.launcher: str | None = None  # set when the launcher is gone: which one
         self.launcher_since: float | None = None  # time.monotonic() when it was seen gone
         self.grace = grace
@@ -295,11 +292,9 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is not None:
-            if time.monotonic() - self.signal_at < self.SAME_REQUEST:
-                log.warning("%s received again within %.0f s: taken as the same request", name, self.SAME_REQUEST)
-                return
-            self.exit_now(128 + signum)
-        self.signal_name, self.signal_at = name, time.monotonic()
+            log.warning("%s received as well: already saving and stopping (%s)", name, self.signal_name)
+            return
+        self.signal_name = name
         self.arm_deadline(self.grace, 128 + signum)
         log.warning(
             "%s received: finishing the step, saving a checkpoint and exiting (within %.0f s)", name, self.grace

@@ -35,7 +35,8 @@ UNJOINED = (
     ("PMIX_SIZE", "an MPI launcher (PMIx)"),
     ("MV2_COMM_WORLD_SIZE", "MVAPICH's mpirun"),
 )
-PORT_BASE, PORT_SPAN = 20000, 20000  # MASTER_PORT for a job step, when none is given: in [20000, 40000)
+# MASTER_PORT for a job step when none is given: in [20000, 32000), below Linux's ephemeral ports (32768-60999)
+PORT_BASE, PORT_SPAN = 20000, 12000
 
 
 def step_tasks(env: Mapping[str, str]) -> int:
@@ -88,17 +89,29 @@ def check_world(env: Mapping[str, str], world_size: int) -> None:
 
 
 def step_port(env: Mapping[str, str]) -> int:
-    """A rendezvous port every task of a step computes alike (from the job and step ids), so that two steps on
-    one node do not collide."""
-    key = f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', env.get('SLURM_STEPID', ''))}"
+    """A rendezvous port every task of a step computes alike (from the job id, restart count and step id), so
+    that two steps on one node, or a requeued attempt and a leftover of the last one, do not collide."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
+    key = f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_RESTART_COUNT') or 0}.{step}"
     return PORT_BASE + zlib.crc32(key.encode()) % PORT_SPAN
 
 
 # ----------------------------------------------------------------------------------------------- hosts
 def expand_nodelist(nodelist: str) -> list[str]:
     """The host names of a Slurm hostlist expression (`gpu[01-03,07],login1` -> gpu01 gpu02 gpu03 gpu07 login1),
-    in order. The same expansion as `scontrol show hostnames`, for the forms Slurm writes (one bracket group per
-    name, ranges with zero padding)."""
+    in order: `scontrol show hostnames` where it answers (inside a job; it needs Slurm's configuration), else our
+    reading of the usual forms (one bracket group per name, ranges with zero padding)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return read_nodelist(nodelist)
+
+
+def read_nodelist(nodelist: str) -> list[str]:
+    """expand_nodelist without Slurm's commands."""
     names, depth, start = [], 0, 0
     for i, ch in enumerate(nodelist + ","):
         if ch == "[":

@@ -3,6 +3,7 @@ and reading back what a run wrote. Fixtures live in conftest.py; everything impo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -147,6 +148,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["train/loss"]) for m in read_metrics(run_dir) if "train/loss" in m]
+
+
+def last_attempt(run_dir: Path) -> dict:
+    """The newest attempt record of a run (pretrain/attempt.py), as written."""
+    from pretrain.attempt import records
+
+    found = records(run_dir)
+    assert found, f"no attempt record in {run_dir}"
+    return dataclasses.asdict(found[-1])
 
 
 def final_weights(run_dir: Path) -> dict:

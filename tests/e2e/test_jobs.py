@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from ..helpers import final_weights, losses, pretrain, start_pretrain, tiny_overrides, wait_for_step
+from ..helpers import final_weights, last_attempt, losses, pretrain, start_pretrain, tiny_overrides, wait_for_step
 
 STEPS = 400
 
@@ -117,6 +117,6 @@ def test_a_stop_signal_to_the_launcher_alone_leaves_no_rank_running(
     out = (tmp_path / "job.log").read_text()
     assert not running(ranks), out[-3000:]
     assert proc.returncode == launcher_status  # what the launcher itself reports (negative: killed by that signal)
-    record = json.loads((run / "attempt.json").read_text())
+    record = last_attempt(run)
     assert record["state"] == "stopped" and record["exit_status"] == 3, (record, out[-3000:])
     assert record["saved_step"] >= 5 and (run / "checkpoints" / "latest").exists()

@@ -2,11 +2,10 @@
 forms one run whose losses equal a 2-rank torchrun run's, and reports launch/pretrain.py's exit status, not
 torchrun's."""
 
-import json
 import subprocess
 import sys
 
-from ..helpers import REPO, cluster_args, free_port, losses, pretrain, run_env
+from ..helpers import REPO, cluster_args, free_port, last_attempt, losses, pretrain, run_env
 
 
 def args_for(tokenizer_path, dataset, run_dir, *extra):
@@ -37,7 +36,7 @@ def test_two_nodes_train_as_one_run(tmp_path, tokenizer_path, tiny_dataset):
     assert (node0.returncode, node1.returncode) == (0, 0), node0.stderr[-3000:] + node1.stderr[-3000:]
     assert "finished (exit status 0)" in node0.stdout
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
-    assert json.loads((tmp_path / "run" / "attempt.json").read_text())["state"] == "finished"
+    assert last_attempt(tmp_path / "run")["state"] == "finished"
 
 
 def test_a_stop_after_saving_exits_3_where_torchrun_says_1(tmp_path, tokenizer_path, tiny_dataset):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from ..helpers import DIST_ENV, REPO, cluster_args, final_weights, losses, pretrain, read_metrics
+from ..helpers import DIST_ENV, REPO, cluster_args, final_weights, last_attempt, losses, pretrain, read_metrics
 
 STEPS = 200
 SCRIPT = "launch/slurm/pretrain.sbatch"
@@ -95,7 +95,6 @@ def test_a_stop_signal_saves_requeues_once_and_resumes_exactly(
     assert all(torch.equal(a[k], b[k]) for k in a)
     attempt0 = (tmp_path / "logs" / f"pretrain-{job}" / "attempt-0.log").read_text()
     assert attempt0.count("received: finishing the step") == 2  # once per rank (a second copy is not a second stop)
-    assert "received again" not in attempt0 or route == "torchrun"
 
 
 def test_a_job_that_fails_every_time_ends_after_the_restart_limit(slurm, tmp_path, tokenizer_path, tiny_dataset):
@@ -108,7 +107,7 @@ def test_a_job_that_fails_every_time_ends_after_the_restart_limit(slurm, tmp_pat
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "1"), log
     assert decisions(run) == ["retry", "fatal"]
     assert "retry: failed with exit status 1: FileExistsError" in log
-    assert "2 attempts in a row have failed; the restart limit is 1" in log
+    assert "2 attempts in a row have failed without progress; the restart limit is 1" in log
     assert "File exists" in slurm.output(job)  # in the job's own output as well
 
 
@@ -144,7 +143,7 @@ def test_a_cancelled_job_saves_and_is_not_requeued(slurm, tmp_path, tokenizer_pa
     assert slurm.run(["scancel", job]).returncode == 0
     info = slurm.wait_job(job, timeout=120)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
-    record = json.loads((run / "attempt.json").read_text())
+    record = last_attempt(run)
     assert record["state"] == "stopped" and "SIGTERM received" in record["message"] and record["saved_step"] >= 5
     assert decisions(run) in ([], ["done"])  # the batch shell may be killed (KillWait) before it decides
     time.sleep(15)  # a requeue would have started the job again by now (about 11 s here)

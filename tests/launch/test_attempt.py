@@ -17,10 +17,10 @@ def config_args(run_dir):
 
 
 def write_record(run_dir, **fields):
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "attempts").mkdir(parents=True, exist_ok=True)
     record = {"state": "stopped", "attempt": "slurm-7-0", "host": "h", "pid": 1, "started": "t", "start_step": 0,
               "saved_step": 10, "ended": "t", "exit_status": 3, "stop": "signal", "message": "SIGUSR1 received"}  # fmt: skip
-    (run_dir / "attempt.json").write_text(json.dumps({**record, **fields}))
+    (run_dir / "attempts" / f"{fields.get('attempt', 'slurm-7-0')}.json").write_text(json.dumps({**record, **fields}))
 
 
 def test_check_prints_the_run_dir_or_refuses_a_bad_config(tmp_path):
@@ -41,6 +41,9 @@ def test_decide_prints_the_action_and_appends_it(tmp_path):
     assert len((run / "attempts.jsonl").read_text().splitlines()) == 2
     r = tool("launch/attempt.py", "show", run)
     assert r.returncode == 0 and "slurm-7-0  requeue" in r.stdout and "slurm-7-0  done" in r.stdout
+    assert "slurm-7-0: started t on h at step 0, stopped t (exit status 3); saved step 10: SIGUSR1" in r.stdout
+    r = tool("launch/attempt.py", "check", "--sample-prompt", "Once upon", *config_args(run), "data.seed=3")
+    assert r.returncode == 0, r.stderr  # every launch/pretrain.py argument is accepted
 
 
 def test_status_exits_with_the_runs_own_status(tmp_path):
@@ -52,7 +55,7 @@ def test_status_exits_with_the_runs_own_status(tmp_path):
         r = tool("launch/attempt.py", "status", *config_args(run), env=mine)
         assert r.returncode == status, r.stdout + r.stderr
     r = tool("launch/attempt.py", "status", "--otherwise", "137", *config_args(run), env={"PRETRAIN_ATTEMPT_ID": "b"})
-    assert r.returncode == 137 and "left no record" in r.stdout
+    assert r.returncode == 137 and "left no record" in r.stdout  # the record is another attempt's
     write_record(run, state="running", exit_status=None)
     assert tool("launch/attempt.py", "status", *config_args(run), env=mine).returncode == 1
 

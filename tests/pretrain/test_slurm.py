@@ -4,7 +4,7 @@ tests/slurm/.)"""
 import pytest
 
 from pretrain import slurm
-from pretrain.distributed import device_index
+from pretrain.distributed import check_device, launch_rank
 
 STEP = {
     "SLURM_JOB_ID": "41",
@@ -26,14 +26,16 @@ STEP = {
         ("node[098-101]", ["node098", "node099", "node100", "node101"]),
     ],
 )
-def test_node_lists_expand_as_scontrol_does(nodelist, hosts):
+def test_node_lists_expand_as_scontrol_does(nodelist, hosts, monkeypatch):
+    assert slurm.read_nodelist(nodelist) == hosts
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: our reading
     assert slurm.expand_nodelist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("nodelist", ["", "n[1-2", "n1]", "n[a-b]", "n[1-x]"])
 def test_an_unreadable_node_list_is_refused_naming_it(nodelist):
     with pytest.raises(slurm.LaunchError, match="cannot read the Slurm node list"):
-        slurm.expand_nodelist(nodelist)
+        slurm.read_nodelist(nodelist)
 
 
 def test_an_srun_task_joins_as_its_rank_in_the_step():
@@ -80,7 +82,9 @@ def test_a_world_smaller_than_its_step_is_refused():
 
 def test_a_node_name_that_does_not_resolve_asks_slurm(monkeypatch, tmp_path):
     scontrol = tmp_path / "scontrol"
-    scontrol.write_text("#!/bin/sh\necho 'NodeName=n7 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=h7 Port=6818'\n")
+    scontrol.write_text(
+        "#!/bin/sh\n[ \"$1\" = -o ] && echo 'NodeName=n7 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=h7 Port=6818'\n"
+    )  # (`show hostnames` prints nothing: our reading of the list)
     scontrol.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     assert slurm.head_address("no-such-host-pretrain-test[1-2]") == "10.1.2.3"
@@ -93,8 +97,22 @@ def test_hostfile_lists_each_node_with_its_slots():
     assert slurm.hostfile("gpu[1-2]", 8) == "gpu1 slots=8\ngpu2 slots=8\n"
 
 
-def test_each_rank_gets_its_device():
-    assert device_index(3, 8) == 3
-    assert device_index(3, 1) == 0  # a task bound to one device sees it as device 0
-    with pytest.raises(slurm.LaunchError, match="local rank 4 has no device: this process sees 2"):
-        device_index(4, 2)
+def test_each_rank_gets_the_device_of_its_local_rank():
+    check_device(3, 8)
+    with pytest.raises(slurm.LaunchError, match="local rank 1 has no device: this process sees 1.*--gpus-per-node"):
+        check_device(1, 1)  # srun --gpus-per-task: each task sees one device
+
+
+def test_the_rank_a_launcher_gives_before_joining():
+    assert launch_rank({}) == 0
+    assert launch_rank({"RANK": "5", **STEP}) == 5
+    assert launch_rank(STEP) == 3  # an srun task
+    assert launch_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == 0  # the batch shell
+
+
+def test_a_node_list_is_expanded_by_scontrol_where_it_answers(monkeypatch, tmp_path):
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && printf 'a1b3\\na1b4\\n'\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert slurm.expand_nodelist("a1b[3-4]") == ["a1b3", "a1b4"]
