@@ -42,11 +42,12 @@ fi
 "$python" launch/attempt.py check "$@" >/dev/null || exit 2   # a bad config stops here, on every node
 
 export PRETRAIN_ATTEMPT_ID="torchrun-$(date -u +%Y%m%dT%H%M%S)-$host-$port"
-pid=""
-trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT USR1
+pid="" asked=""
+trap 'asked=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT USR1
 "$python" -m torch.distributed.run --nnodes="$nnodes" --node-rank="$node_rank" --nproc-per-node="$nproc" \
     --master-addr="$host" --master-port="$port" --max-restarts=0 --shutdown-timeout=3600 launch/pretrain.py "$@" &
 pid=$!
+[ -n "$asked" ] && kill -TERM "$pid" 2>/dev/null   # a stop asked for before torchrun started
 while kill -0 "$pid" 2>/dev/null; do
     wait "$pid"   # returns early when a trapped signal comes: torchrun is still stopping the ranks
 done

@@ -62,7 +62,7 @@ def attempt_id(env: Mapping[str, str]) -> str | None:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def record_path(run_dir: Path, attempt: str) -> Path:
@@ -142,7 +142,11 @@ class Attempt:
         self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.path, asdict(self.record))
+        """Atomically, under a temporary name of this process's own: processes that each believe they are rank 0 of
+        one attempt (a launch that is refused) may write the same record at once."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        write_json_atomic(tmp, asdict(self.record))
+        os.replace(tmp, self.path)
 
 
 def read_record(path: Path) -> Record | None:

@@ -28,7 +28,7 @@ from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_di
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
 from pretrain.distributed import World, init_distributed, launch_rank, leave_distributed
 from pretrain.engine import Engine, accelerator_name, peak_flops_per_device, tune_cpu_allocator
-from pretrain.errors import Stopped
+from pretrain.errors import EXIT_OK, Stopped, exit_code
 from pretrain.fileutil import fsync_dir, write_bytes_atomic, write_json_atomic
 from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
 from pretrain.metrics import JSONL, TENSORBOARD, Metrics
@@ -81,6 +81,13 @@ def set_aside(run_dir: Path) -> Path | None:
     return dest
 
 
+def open_attempt(run_dir: Path) -> Attempt:
+    try:
+        return Attempt(run_dir, run_dir / CHECKPOINTS)
+    except OSError as e:
+        raise ConfigError(f"train.run_dir: cannot write in {run_dir} ({e})") from None
+
+
 def deadline_message(status: int) -> str:
     """What a deadline exit with `status` means (pretrain.job.StopRequest)."""
     if status > 128:
@@ -89,17 +96,20 @@ def deadline_message(status: int) -> str:
     return "the launcher is gone and train.orphan_grace_seconds ran out before a save finished"
 
 
-def ended(attempt, world: World, error: BaseException | None) -> None:
+def ended(attempt, world: World, stop: StopRequest, error: BaseException | None) -> None:
     """The run has ended (`error`: how; None when it finished): rank 0 records it while the stop signals are still
     handled, and after a clean end (finished, or stopped after saving: every rank got here together) no rank exits
-    before it has, since launchers end the last ranks once one has exited (srun --kill-on-bad-exit, torchrun)."""
+    before it has, since launchers end the last ranks once one has exited (srun --kill-on-bad-exit, torchrun). A
+    rank that never comes (it failed while closing) holds the others for train.stop_grace_seconds at most."""
     if attempt is not None:
         attempt.end(error)
     if error is None or isinstance(error, Stopped):
+        stop.arm_deadline(stop.grace, exit_code(error) if error else EXIT_OK)
         try:
             world.barrier()
         except Exception as e:  # a rank gone already: nothing left to wait for
             log.warning("the last barrier failed (%s)", e)
+        stop.disarm()
 
 
 def validation_data(
@@ -125,7 +135,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     stack = contextlib.ExitStack()
     # rank 0 (by its launcher's word, before joining) records the attempt from the start: a start that fails (a
     # launch that cannot join, a busy run directory) is recorded too; its own file, so it disturbs no other job
-    attempt = Attempt(run_dir, run_dir / CHECKPOINTS) if launch_rank(os.environ) == 0 else None
+    attempt = open_attempt(run_dir) if launch_rank(os.environ) == 0 else None
     if attempt is not None:
         stack.push(lambda kind, error, tb: attempt.end(error))  # (an end recorded earlier wins)
     try:
@@ -145,17 +155,17 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
     if accelerator_name() == "cpu":
         tune_cpu_allocator()
     run_dir = Path(t.run_dir)
-    lock = stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
-    stop = StopRequest(t.stop_signals, t.stop_grace_seconds)
+    stop = StopRequest(t.stop_signals, t.stop_grace_seconds)  # handled until the lock is released
     stack.callback(stop.restore)
-    stack.push(lambda kind, error, tb: ended(attempt, world, error))
+    lock = stack.enter_context(hold_run_dir(run_dir, world, stale_after=t.lock_stale_seconds))
     if lock is not None:  # a deadline exit records how the attempt ended and leaves the directory to the next job
         if attempt is not None:
             stop.before_exit.append(lambda status: attempt.end_status(status, deadline_message(status)))
         stop.before_exit.append(lambda status: lock.release())
-    if launcher is not None:
+    if launcher is not None:  # watched until the very end (a rank orphaned in the last barrier exits too)
         watch = LauncherWatch(launcher, lambda gone: stop.launcher_gone(gone.describe(), t.orphan_grace_seconds))
         stack.callback(watch.close)
+    stack.push(lambda kind, error, tb: ended(attempt, world, stop, error))
 
     tokenizer = open_tokenizer(cfg.data.tokenizer)
     cfg = resolve(cfg, tokenizer)

@@ -108,12 +108,16 @@ def launch_rank(env) -> int:
     return 0
 
 
+class DeviceMissing(slurm.LaunchError):
+    rank_local = True  # only the ranks without a device find it: each reports it itself
+
+
 def check_device(local_rank: int, visible: int) -> None:
     """Each rank uses the device numbered by its local rank (DeepSpeed sets it from LOCAL_RANK as well), so every
     rank of a node must see all of the node's devices: srun --gpus-per-task (one device per task, each numbered 0)
     does not fit."""
     if not 0 <= local_rank < visible:
-        raise slurm.LaunchError(
+        raise DeviceMissing(
             f"local rank {local_rank} has no device: this process sees {visible} (CUDA_VISIBLE_DEVICES or the "
             "scheduler's binding). Every rank of a node must see all its GPUs: with Slurm, ask --gpus-per-node, not "
             "--gpus-per-task or --gpu-bind; start as many ranks per node as it has GPUs"

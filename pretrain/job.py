@@ -286,7 +286,7 @@ class StopRequest:
         self.launcher_since: float | None = None  # time.monotonic() when it was seen gone
         self.grace = grace
         self.before_exit: list = []
-        self._armed = False
+        self._timer: threading.Timer | None = None
         self._previous = {name: signal.signal(getattr(signal, name), self._handle) for name in names}
 
     def _handle(self, signum, frame) -> None:
@@ -307,12 +307,17 @@ class StopRequest:
 
     def arm_deadline(self, seconds: float, status: int) -> None:
         """Exit with `status` after `seconds`, whatever the process is doing then (once; later calls do nothing)."""
-        if self._armed:
+        if self._timer is not None:
             return
-        self._armed = True
-        timer = threading.Timer(seconds, self.exit_now, args=(status,))
-        timer.daemon = True
-        timer.start()
+        self._timer = threading.Timer(seconds, self.exit_now, args=(status,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def disarm(self) -> None:
+        """Cancel the deadline (the run has ended in time)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
 
     def exit_now(self, status: int) -> None:
         for release in self.before_exit:

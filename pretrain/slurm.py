@@ -53,6 +53,12 @@ def join_env(env: Mapping[str, str]) -> dict[str, str] | None:
     LaunchError where several processes were started that cannot join (an MPI launcher)."""
     tasks = step_tasks(env)
     if tasks > 1:
+        if env.get("SLURM_GPUS_PER_TASK"):  # every task refuses alike, rank 0 included, so it is reported
+            raise LaunchError(
+                f"srun --gpus-per-task={env['SLURM_GPUS_PER_TASK']} gives each task its own GPU, numbered 0: each "
+                "rank uses the GPU of its local rank, so every task must see all of its node's GPUs. Ask "
+                "--gpus-per-node (and --ntasks-per-node = GPUs per node) instead"
+            )
         missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST") if not env.get(k)]
         if missing:
             raise LaunchError(f"this Slurm step runs {tasks} tasks, but {', '.join(missing)} is not set: cannot join")

@@ -4,13 +4,25 @@ deepspeed command."""
 import json
 import os
 import signal
+import subprocess
 import time
 
 import psutil
 import pytest
 import torch
 
-from ..helpers import final_weights, last_attempt, losses, pretrain, start_pretrain, tiny_overrides, wait_for_step
+from ..helpers import (
+    REPO,
+    final_weights,
+    last_attempt,
+    launcher,
+    losses,
+    pretrain,
+    run_env,
+    start_pretrain,
+    tiny_overrides,
+    wait_for_step,
+)
 
 STEPS = 400
 
@@ -27,12 +39,12 @@ def args_for(tokenizer_path, dataset, run_dir):
     ]
 
 
-def ranks_of(launcher: psutil.Process) -> list[psutil.Process]:
+def ranks_of(launcher: psutil.Process, script: str = "launch/pretrain.py") -> list[psutil.Process]:
     """The training processes under a launcher (not the launcher's own processes)."""
     out = []
     for p in launcher.children(recursive=True):
         cmd = " ".join(p.cmdline())
-        if "launch/pretrain.py" in cmd and "deepspeed.launcher" not in cmd and "torchrun" not in cmd:
+        if script in cmd and "deepspeed.launcher" not in cmd and "torchrun" not in cmd:
             out.append(p)
     return out
 
@@ -120,3 +132,29 @@ def test_a_stop_signal_to_the_launcher_alone_leaves_no_rank_running(
     record = last_attempt(run)
     assert record["state"] == "stopped" and record["exit_status"] == 3, (record, out[-3000:])
     assert record["saved_step"] >= 5 and (run / "checkpoints" / "latest").exists()
+
+
+def test_a_launcher_ending_rank_0_after_the_others_cannot_spoil_a_saved_stop(tmp_path, tokenizer_path, tiny_dataset):
+    """What `scancel --signal=USR1` does under torchrun: every rank gets the signal and saves; rank 0 then has
+    retention work left (slowed to 10 s here, as on a parallel file system). Had rank 1 exited first, torchrun would
+    have sent rank 0 a TERM in the middle of it. No rank exits before rank 0 has recorded the stop, and a later
+    signal does not cut it short: the attempt is recorded as stopped after saving, status 3."""
+    run = tmp_path / "run"
+    args = args_for(tokenizer_path, tiny_dataset, run)
+    cmd = [*launcher("torchrun", 2), str(REPO / "tests/slow_prune.py"), *args]
+    log = open(tmp_path / "job.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**run_env(), "SLOW_PRUNE_SECONDS": "10"}, stdout=log, stderr=log)
+    assert wait_for_step(run, 5, proc), (tmp_path / "job.log").read_text()[-3000:]
+    ranks = ranks_of(psutil.Process(proc.pid), "tests/slow_prune.py")
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)
+    time.sleep(6)  # in the middle of rank 0's retention: a launcher's TERM, or the time limit's after its warning
+    for rank in running(ranks):
+        rank.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    log.close()
+    out = (tmp_path / "job.log").read_text()
+    record = last_attempt(run)
+    assert record["state"] == "stopped" and record["exit_status"] == 3, (record, out[-3000:])
+    assert "SIGTERM received as well: already saving and stopping (SIGUSR1)" in out

@@ -18,6 +18,7 @@ from ..helpers import (
     REPO,
     blended_args,
     final_weights,
+    last_attempt,
     losses,
     pretrain,
     read_metrics,
@@ -195,12 +196,17 @@ def test_no_valid_checkpoint_is_refused_and_set_aside_starts_over(tmp_path, toke
     first = losses(run)
     for d in (run / "checkpoints").glob("step_*"):
         (d / checkpoint.RECORD).unlink()
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def run_files():  # the run's own files (each attempt also leaves its record in attempts/)
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "attempts" not in p.relative_to(run).parts}
+
+    before = run_files()
     r = pretrain("python", 1, args)
     assert r.returncode == 2 and "holds no valid checkpoint, but a run saved here before" in r.stderr, r.stderr[-3000:]
     assert "step_00000001: " in r.stderr and "step_00000002: " in r.stderr and "no complete.json" in r.stderr
     assert "launch/checkpoints.py set-aside" in r.stderr
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert run_files() == before
+    assert (last_attempt(run)["state"], last_attempt(run)["exit_status"]) == ("failed", 2)
 
     set_aside = [sys.executable, str(REPO / "launch/checkpoints.py"), "set-aside", str(run)]
     with RunLock(run, stale_after=300):  # a job running there

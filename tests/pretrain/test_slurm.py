@@ -60,6 +60,11 @@ def test_a_process_alone_does_not_join():
     assert slurm.join_env(batch_shell) is None  # python run in the batch script itself: one process
 
 
+def test_gpus_per_task_is_refused_by_every_task():
+    with pytest.raises(slurm.LaunchError, match="--gpus-per-task=1 gives each task its own GPU.*--gpus-per-node"):
+        slurm.join_env({**STEP, "SLURM_GPUS_PER_TASK": "1"})
+
+
 def test_a_step_without_its_task_ids_is_refused():
     with pytest.raises(slurm.LaunchError, match="SLURM_PROCID is not set"):
         slurm.join_env({k: v for k, v in STEP.items() if k != "SLURM_PROCID"})
@@ -99,8 +104,11 @@ def test_hostfile_lists_each_node_with_its_slots():
 
 def test_each_rank_gets_the_device_of_its_local_rank():
     check_device(3, 8)
-    with pytest.raises(slurm.LaunchError, match="local rank 1 has no device: this process sees 1.*--gpus-per-node"):
-        check_device(1, 1)  # srun --gpus-per-task: each task sees one device
+    with pytest.raises(
+        slurm.LaunchError, match="local rank 1 has no device: this process sees 1.*--gpus-per-node"
+    ) as e:
+        check_device(1, 1)  # a binding that gives each task one device
+    assert e.value.rank_local  # only some ranks find it: each reports it itself
 
 
 def test_the_rank_a_launcher_gives_before_joining():
