@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pretrain import slurm
 from pretrain.errors import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_NON_FINITE, EXIT_OK, EXIT_STOPPED, Stopped, exit_code
 from pretrain.fileutil import fsync_dir, write_json_atomic
 
@@ -45,20 +46,13 @@ FATAL_STATUSES = (EXIT_BAD_INPUT, EXIT_NON_FINITE, EXIT_BUSY)
 AT_STEP = "at_step"  # Stopped.why for train.stop_at_step: the user asked for this stop
 
 
-def slurm_job(env: Mapping[str, str]) -> str | None:
-    """The Slurm job (an array task as `<array job>_<task>`), or None outside Slurm."""
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or None
-
-
 def attempt_id(env: Mapping[str, str]) -> str | None:
     """This attempt's id from the environment: PRETRAIN_ATTEMPT_ID, else `slurm-<job>-<restart>` inside a Slurm job
     (SLURM_RESTART_COUNT is unset on a job's first run), else None."""
     if env.get("PRETRAIN_ATTEMPT_ID"):
         return env["PRETRAIN_ATTEMPT_ID"]
-    job = slurm_job(env)
-    return f"slurm-{job}-{env.get('SLURM_RESTART_COUNT') or 0}" if job else None
+    job = slurm.job_id(env)
+    return f"slurm-{job}-{slurm.restart_count(env)}" if job else None
 
 
 def now() -> str:
@@ -104,7 +98,7 @@ class Attempt:
         name = attempt_id(env) or f"{socket.gethostname()}-{os.getpid()}-{started}"
         self.path = record_path(run_dir, name)
         self.record = Record(state=RUNNING, attempt=name, host=socket.gethostname(), pid=os.getpid(),
-                             started=started, job=slurm_job(env))  # fmt: skip
+                             started=started, job=slurm.job_id(env))  # fmt: skip
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -222,7 +216,7 @@ def decide(
     """Judge the attempt that just ended (once its processes are gone; the attempt of `env`), append the decision to
     attempts.jsonl and return it. A `retry` becomes `fatal` once more than `max_restarts` of this job's attempts in
     a row have failed without saving progress; a job being cancelled (`cancelled`) is never run again (`done`)."""
-    attempt, job = attempt_id(env), slurm_job(env)
+    attempt, job = attempt_id(env), slurm.job_id(env)
     record = read_record(record_path(run_dir, attempt)) if attempt else (records(run_dir) or [None])[-1]
     action, outcome, message = judge(record)
     progressed = record is not None and record.progressed

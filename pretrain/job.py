@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from pretrain import slurm
 from pretrain.distributed import World
 from pretrain.errors import EXIT_BUSY, EXIT_FAILED, BadInput, RunDirBusy
 
@@ -71,9 +72,6 @@ class Holder:
 
     @classmethod
     def me(cls) -> Holder:
-        job = os.environ.get("SLURM_JOB_ID")
-        if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
-            job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         return cls(
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -81,8 +79,8 @@ class Holder:
             pid_started=psutil.Process().create_time(),
             boot_id=_boot_id(),
             pid_ns=_pid_namespace(),
-            slurm_job_id=job,
-            slurm_restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            slurm_job_id=slurm.job_id(os.environ),
+            slurm_restart=slurm.restart_count(os.environ),
         )
 
     def describe(self) -> str:

@@ -39,6 +39,19 @@ UNJOINED = (
 PORT_BASE, PORT_SPAN = 20000, 12000
 
 
+def job_id(env: Mapping[str, str]) -> str | None:
+    """The Slurm job (an array task as `<array job>_<task>`), or None outside Slurm."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def restart_count(env: Mapping[str, str]) -> int:
+    """How many times the job has been requeued (SLURM_RESTART_COUNT is unset on its first run)."""
+    value = env.get("SLURM_RESTART_COUNT") or ""
+    return int(value) if value.isdigit() else 0
+
+
 def step_tasks(env: Mapping[str, str]) -> int:
     """How many tasks the Slurm job step this process belongs to runs (0 outside a step, the batch shell
     included)."""
@@ -98,7 +111,7 @@ def step_port(env: Mapping[str, str]) -> int:
     """A rendezvous port every task of a step computes alike (from the job id, restart count and step id), so
     that two steps on one node, or a requeued attempt and a leftover of the last one, do not collide."""
     step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
-    key = f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_RESTART_COUNT') or 0}.{step}"
+    key = f"{env.get('SLURM_JOB_ID', '')}.{restart_count(env)}.{step}"
     return PORT_BASE + zlib.crc32(key.encode()) % PORT_SPAN
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from ..helpers import DIST_ENV, REPO, cluster_args, final_weights, last_attempt, losses, pretrain, read_metrics
+from ..helpers import DIST_ENV, REPO, cluster_args, final_weights, last_attempt, losses, pretrain, wait_for_step
 
 STEPS = 200
 SCRIPT = "launch/slurm/pretrain.sbatch"
@@ -45,17 +45,14 @@ def job_log(tmp_path, job) -> str:
     return (tmp_path / "logs" / f"pretrain-{job}" / "job.log").read_text()
 
 
-def wait_for_step(run, step, slurm, job, timeout=180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if any(m["step"] >= step for m in read_metrics(run)):
-                return
-        except (FileNotFoundError, ValueError):
-            pass
-        assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job_info(job)
-        time.sleep(0.1)
-    raise TimeoutError(f"step {step} not logged in {timeout} s: {slurm.job_info(job)}")
+class JobPoll:
+    """A Slurm job seen as a process by helpers.wait_for_step: running while it is pending or running."""
+
+    def __init__(self, slurm, job):
+        self.slurm, self.job = slurm, job
+
+    def poll(self):
+        return None if self.slurm.job_state(self.job) in ("PENDING", "RUNNING", "CONFIGURING") else 0
 
 
 def test_a_two_node_job_trains_like_torchrun_on_one_node(slurm, reference, tmp_path, tokenizer_path, tiny_dataset):
@@ -79,7 +76,7 @@ def test_a_stop_signal_saves_requeues_once_and_resumes_exactly(
     the job requeues itself, the next attempt resumes; losses and weights equal the uninterrupted run's."""
     run = tmp_path / "run"
     job = submit(slurm, tmp_path, cluster_args(tokenizer_path, tiny_dataset, run, STEPS), "--route", route)
-    wait_for_step(run, 5, slurm, job)
+    assert wait_for_step(run, 5, JobPoll(slurm, job), timeout=180), slurm.job_info(job)
     assert slurm.run(["scancel", "--batch", "--signal=USR1", job]).returncode == 0
     info = slurm.wait_job(job, timeout=300)
     log = job_log(tmp_path, job)
@@ -139,7 +136,7 @@ def test_a_cancelled_job_saves_and_is_not_requeued(slurm, tmp_path, tokenizer_pa
     script does not undo the cancel by requeueing."""
     run = tmp_path / "run"
     job = submit(slurm, tmp_path, cluster_args(tokenizer_path, tiny_dataset, run, STEPS))
-    wait_for_step(run, 5, slurm, job)
+    assert wait_for_step(run, 5, JobPoll(slurm, job), timeout=180), slurm.job_info(job)
     assert slurm.run(["scancel", job]).returncode == 0
     info = slurm.wait_job(job, timeout=120)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0")
