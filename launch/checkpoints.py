@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pretrain` is th
 
 
 def ckpt_dir(run: str) -> Path:
-    path = Path(run)
-    return path if path.name == "checkpoints" else path / "checkpoints"
+    from pretrain.checkpoint import checkpoints_of
+
+    return checkpoints_of(run)
 
 
 def cmd_list(args) -> int:

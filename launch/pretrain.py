@@ -90,7 +90,8 @@ def sample(trainer, cfg, prompt: str) -> None:
     from pretrain.generate import continue_text
     from pretrain.tokenizer import Tokenizer
 
-    text = continue_text(trainer.engine.logits, Tokenizer(cfg.data.tokenizer), prompt, max_len=cfg.model.seq_len)
+    engine = trainer.engine
+    text = continue_text(engine.module, Tokenizer(cfg.data.tokenizer), prompt, forward=engine.logits)
     if trainer.world.is_main:
         print(f"\n--- greedy continuation of {prompt!r}:\n{prompt}{text}\n", flush=True)
 

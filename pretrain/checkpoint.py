@@ -33,6 +33,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 RECORD = "complete.json"
 META = "meta.json"
 LATEST = "latest"
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoints live in <run_dir>/checkpoints/
 TAG = re.compile(r"^step_(\d+)$")
 SET_ASIDE = (
     "`python launch/checkpoints.py set-aside <run_dir>` moves the earlier run's checkpoints, metrics and "
@@ -238,6 +240,12 @@ def list_checkpoints(ckpt_dir: Path, *, checksums: bool = False) -> list[Listed]
     return sorted(out, key=lambda c: -c.step)
 
 
+def checkpoints_of(path: str | Path) -> Path:
+    """The checkpoints directory of a run directory (or the checkpoints directory itself)."""
+    path = Path(path)
+    return path if path.name == CHECKPOINTS else path / CHECKPOINTS
+
+
 def read_latest(ckpt_dir: Path) -> str | None:
     """The tag `latest` names (None without one); damaged bytes come back replaced, so they show in messages."""
     pointer = ckpt_dir / LATEST
@@ -358,7 +366,7 @@ def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     from pretrain.engine import consolidated_state_dict
 
     check_pickles(ckpt_dir / tag)
-    with restricted_unpickling():
+    with restricted_unpickling(), contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress lines: not output
         return consolidated_state_dict(ckpt_dir, tag, read_meta(ckpt_dir, tag).zero_stage)
 
 

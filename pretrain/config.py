@@ -86,6 +86,9 @@ class TrainConfig:
     max_tokens: int | None = None  # also stop once this many tokens were trained on
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     seed: int = 0  # model initialisation
+    # start from these weights instead of a random initialisation (when there is no checkpoint to resume): a state
+    # dict file (launch/export.py from-hf, launch/checkpoints.py consolidate) or an exported Hugging Face Llama folder
+    init_from: str | None = None
     eval_every: int = 500  # steps between evaluations; 0 disables
     eval_batches: int = 20  # global batches of the validation set per evaluation
     peak_flops_per_device: float | None = None  # for MFU; None: known GPUs by name, on CPU a matmul measured at start
@@ -380,3 +383,10 @@ def to_dict(cfg) -> dict:
 
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def section_from_dict(cls, values: dict, key: str):
+    """A config section (e.g. ModelConfig) from a dict, checked as the YAML is (errors name `key`.field)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key}: expected a mapping of {cls.__name__} fields, got {values!r}")
+    return _build(cls, values, key)

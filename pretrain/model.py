@@ -3,6 +3,8 @@
 
     model = Transformer(cfg.model)          # cfg.model.vocab_size set (the tokenizer's)
     logits = model(tokens)                  # (batch, seq) int64 -> (batch, seq, padded_vocab)
+    cache = KVCache.for_model(model, batch=4, capacity=512)     # incremental decoding (pretrain/generate.py)
+    logits = model(prompt_tokens, cache=cache, valid=prompt_mask)   # keys/values kept; then one token at a time
 
 The model knows nothing about losses, data or DeepSpeed. Weights are initialised from a seeded generator by
 `init_weights(seed)`, so the same seed gives the same model on any device and any number of ranks (with ZeRO-3
@@ -80,10 +82,78 @@ def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tens
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos, sin: (seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos, sin: (seq, head_dim), or (batch, 1, seq, head_dim) per row."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, in slots (batch, n_kv_heads, capacity, head_dim).
+
+    Each row writes its next tokens at its own slot (`write`), so prompts of different lengths batch with either
+    padding: left-padded rows all write at the same slot, right-padded rows each after their own last token.
+    `valid` marks slots holding real tokens (not padding); a token's position is the number of valid slots
+    before it, and it attends to the valid slots up to its own. `reorder` follows beam search's choices.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, capacity: int, head_dim: int, *, device, dtype):
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.write = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next free slot
+        self.capacity = capacity
+        self.used = 0  # slots [0, used) may hold keys of some row
+        self.all_valid = True  # no padding anywhere so far: attention needs no mask
+        self.slots = self.mask = None  # of the forward in progress (begin)
+
+    @classmethod
+    def for_model(cls, model: Transformer, *, batch: int, capacity: int) -> KVCache:
+        cfg, p = model.cfg, model.tok_embeddings.weight
+        n_kv = cfg.n_kv_heads or cfg.n_heads
+        return cls(cfg.n_layers, batch, n_kv, capacity, cfg.d_model // cfg.n_heads, device=p.device, dtype=p.dtype)
+
+    def begin(self, t: int, valid: torch.Tensor | None) -> torch.Tensor:
+        """Claim slots for the next `t` tokens of every row (`valid`: (batch, t), False for padding); returns their
+        positions (batch, t) and prepares the attention mask the layers use."""
+        b = self.write.shape[0]
+        offsets = torch.arange(t, device=self.write.device)
+        self.slots = self.write[:, None] + offsets  # (batch, t)
+        if int(self.slots.max()) >= self.capacity:
+            raise ValueError(f"KV cache full: {self.capacity} slots")
+        rows = torch.arange(b, device=self.write.device)[:, None]
+        new_valid = torch.ones(b, t, dtype=torch.bool, device=self.valid.device) if valid is None else valid.bool()
+        self.valid[rows, self.slots] = new_valid
+        self.used = max(self.used, int(self.slots.max()) + 1)
+        # the next free slot follows each row's last real token (right padding is overwritten by what comes next)
+        last = torch.where(new_valid, offsets + 1, 0).amax(dim=1)
+        self.write = self.write + last
+        self.all_valid = self.all_valid and bool(new_valid.all())
+        positions = (self.valid[:, : self.used].cumsum(-1) - 1).gather(1, self.slots).clamp(min=0)
+        if self.all_valid and (t == 1 or self.used == t):
+            self.mask = None  # no padding, one new token or the first ones: no mask (causal for the first ones)
+        else:
+            keys = torch.arange(self.used, device=self.valid.device)
+            sees = (keys[None, None, :] <= self.slots[:, :, None]) & self.valid[:, None, : self.used]
+            sees |= keys[None, None, :] == self.slots[:, :, None]  # padding attends to itself: no empty rows (NaN)
+            self.mask = sees[:, None]  # (batch, 1, t, used)
+        return positions
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's keys and values (batch, n_kv_heads, t, head_dim) of `layer` into their slots;
+        returns all keys and values in use (batch, n_kv_heads, used, head_dim)."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, self.slots] = k.transpose(1, 2)
+        self.v[layer][rows, :, self.slots] = v.transpose(1, 2)
+        return self.k[layer][:, :, : self.used], self.v[layer][:, :, : self.used]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows become the rows `index` names (beam search keeps the chosen beams' histories)."""
+        for kv in (self.k, self.v):
+            for i, t in enumerate(kv):
+                kv[i] = t.index_select(0, index)
+        self.valid, self.write = self.valid.index_select(0, index), self.write.index_select(0, index)
 
 
 class Attention(nn.Module):
@@ -95,7 +165,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -104,6 +176,13 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (batch, n_kv_heads, seq, head_dim)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)  # (batch, n_kv_heads, used, head_dim)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=cache.mask, is_causal=cache.mask is None and t > 1,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # fmt: skip
+            return self.wo(y.transpose(1, 2).reshape(b, t, -1))
         if self.n_kv_heads != self.n_heads:  # each kv head serves n_heads / n_kv_heads query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (batch, n_heads, seq, head_dim)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -141,8 +220,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, init: WeightInit, std: float, out_std: float) -> None:
@@ -169,17 +250,40 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, padded_vocab) of a batch of token ids (batch, seq).
+
+        With a `cache`, the tokens continue what it holds (their keys and values are added to it); `valid`
+        (batch, seq) marks padding (False) in them. `select` (batch,): only the logits at that index of each row,
+        (batch, 1, padded_vocab) (the next token's, when generating).
+        """
         t = tokens.shape[1]
-        if t > self.cfg.seq_len:
-            raise ValueError(f"sequence of {t} tokens is longer than model.seq_len {self.cfg.seq_len}")
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        if cache is None:
+            if t > self.cfg.seq_len:
+                raise ValueError(f"sequence of {t} tokens is longer than model.seq_len {self.cfg.seq_len}")
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        else:
+            positions = cache.begin(t, valid)
+            if int(positions.max()) >= self.cfg.seq_len:
+                raise ValueError(f"position {int(positions.max())} is beyond model.seq_len {self.cfg.seq_len}")
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (batch, 1, t, head_dim)
         x = self.tok_embeddings(tokens)  # (batch, seq, d_model)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            elif cache is not None:
+                x = layer(x, cos, sin, cache, i)
             else:
                 x = layer(x, cos, sin)
+        if select is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (batch, 1, d_model)
         return self.output(self.norm(x))  # (batch, seq, padded_vocab)
 
     @torch.no_grad()
