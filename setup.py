@@ -25,9 +25,11 @@ setup(
         "tqdm>=4.66",
         "psutil>=5.9",
         "pyyaml>=6",
+        "safetensors>=0.4",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "megatron-core==0.16.1"],
+        "hf": ["transformers>=4.45"],  # launch/export.py's folders load with 4.45.2 and 5.24 (tests use it)
     },
     entry_points={
         "console_scripts": [

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from pretrain.attempt import Attempt
-from pretrain.checkpoint import CheckpointManager, CheckpointMeta
+from pretrain.checkpoint import CHECKPOINTS, CheckpointManager, CheckpointMeta
 from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_dict, to_yaml
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
 from pretrain.distributed import World, init_distributed, launch_rank, leave_distributed
 from pretrain.engine import Engine, accelerator_name, peak_flops_per_device, tune_cpu_allocator
 from pretrain.errors import EXIT_OK, Stopped, exit_code
+from pretrain.evaluate import TokenBytes
 from pretrain.fileutil import fsync_dir, write_bytes_atomic, write_json_atomic
 from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
 from pretrain.metrics import JSONL, TENSORBOARD, Metrics
@@ -56,7 +57,7 @@ def resolve(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
 
 
 # What a run writes in its directory (the lock, job.lock, stays: it is this job's)
-CHECKPOINTS, CONFIG, DS_CONFIG = "checkpoints", "config.yaml", "ds_config.json"
+CONFIG, DS_CONFIG = "config.yaml", "ds_config.json"
 RUN_OUTPUTS = (CHECKPOINTS, JSONL, TENSORBOARD, CONFIG, DS_CONFIG)
 PREVIOUS = "previous"
 
@@ -188,7 +189,14 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
     )
     checkpoints = CheckpointManager(run_dir / CHECKPOINTS, cfg.checkpoint, engine=engine, world=world, run=run)
     point = checkpoints.find()
-    model = engine.build(cfg.model, seed=t.seed, load_universal=point is not None and point.universal)
+    weights = None
+    if point is None and t.init_from:
+        from pretrain.inference import initial_weights
+
+        weights = initial_weights(t.init_from, cfg.model)
+        log.info("starting from the weights of %s (train.init_from)", t.init_from)
+    universal = point is not None and point.universal
+    model = engine.build(cfg.model, seed=t.seed, load_universal=universal, weights=weights)
     start_step = checkpoints.load(point) if point is not None else 0
     if attempt is not None:
         attempt.start_step = start_step
@@ -226,5 +234,6 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         started=started,
         val_data=val_data,
         eval_batches=eval_batches,
+        token_bytes=TokenBytes(tokenizer) if val_data is not None else None,
         resources=stack,
     )

@@ -4,7 +4,7 @@
     engine = Engine(cfg.optim, cfg.train, plan)       # the DeepSpeed config is settled: zero_stage, precision
     model = engine.build(cfg.model, seed=cfg.train.seed)   # the model, built (partitioned under ZeRO-3) and wrapped
     stats = engine.train_step(micro_batches, lr)     # one optimizer step over this rank's micro-batches
-    loss = engine.eval_step(micro_batches)
+    logits = engine.logits(tokens)                    # eval mode, no gradients (evaluation, generation)
     engine.save(ckpt_dir, tag, client_state)  /  engine.load(ckpt_dir, tag)
 
 `build_ds_config` reads the engine settings from a ds_configs/*.json file (ZeRO stage, offload, communication)
@@ -242,10 +242,13 @@ class Engine:
         self.manual_clip = manual_clipping(self.zero_stage, self.precision)
         self.ds = None
 
-    def build(self, model_cfg: ModelConfig, *, seed: int, load_universal: bool = False) -> Transformer:
+    def build(
+        self, model_cfg: ModelConfig, *, seed: int, load_universal: bool = False, weights: dict | None = None
+    ) -> Transformer:
         """Build and initialise the model and DeepSpeed's engine around it; returns the model.
         `load_universal`: the checkpoint to load was saved by another number of ranks or ZeRO stage, and loads
-        through DeepSpeed's universal format (decided by the checkpoint manager)."""
+        through DeepSpeed's universal format (decided by the checkpoint manager). `weights`: a full state dict to
+        start from instead of the random initialisation (train.init_from; checked against the model already)."""
         if load_universal:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         if self.zero_stage == 3:
@@ -254,6 +257,11 @@ class Engine:
         else:
             model = Transformer(model_cfg)
         model.init_weights(seed, gather=self._gather)
+        if weights is not None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():  # a tied output head is the embedding: listed once
+                    with self._gather([p]):
+                        p.copy_(weights[name])
         groups = param_groups(model, self.optim_cfg)
         self.group_weight_decay = [g["weight_decay"] for g in groups]
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
@@ -334,18 +342,11 @@ class Engine:
         return StepStats(loss=total / len(micro_batches), grad_norm=grad_norm, applied=applied)
 
     @torch.no_grad()
-    def eval_step(self, micro_batches: list) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The model's logits for a batch of token ids, in eval mode (every rank together under ZeRO-3); `kwargs`
+        go to the model's forward (a KV cache when generating)."""
         self.ds.eval()
-        total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            total += self._loss(batch)
-        return total / len(micro_batches)
-
-    @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The model's logits for a batch of token ids, in eval mode (every rank together under ZeRO-3)."""
-        self.ds.eval()
-        return self.ds(tokens.to(self.device))
+        return self.ds(torch.as_tensor(tokens).to(self.device), **kwargs)
 
     def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().clone().float()
