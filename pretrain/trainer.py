@@ -17,14 +17,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import BatchPlan, OptimConfig, TrainConfig
 from pretrain.data import BlendedDataset, DataError, SampleError
 from pretrain.distributed import World
 from pretrain.engine import Engine, lr_at
 from pretrain.errors import EXIT_FAILED, LauncherGone, NonFinite, Stopped
+from pretrain.evaluate import Evaluator, TokenBytes
 from pretrain.job import StopRequest
 from pretrain.metrics import Metrics, memory_gib, throughput
 
@@ -62,6 +61,7 @@ class Trainer:
     started: float = field(default_factory=time.monotonic)  # when the job started (train.max_wall_time counts from it)
     val_data: BlendedDataset | None = None
     eval_batches: int = 0
+    token_bytes: TokenBytes | None = None  # the bytes each token stands for (eval/bpb); None: no eval/bpb
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # what close() releases
 
     def __post_init__(self):
@@ -214,13 +214,19 @@ class Trainer:
         return values
 
     def evaluate(self, step: int) -> dict:
-        total = sum(
-            self.engine.eval_step(self.val_data.batch(b, self.plan, self.world.rank)) for b in range(self.eval_batches)
-        )
-        loss = self.engine.mean_across_ranks(total / self.eval_batches).item()
-        values = {"eval/loss": loss, "eval/ppl": float(torch.exp(torch.tensor(loss)))}
+        """Loss, perplexity and bits per byte on eval_batches global batches of the validation set (pretrain/
+        evaluate.py, as launch/evaluate.py computes them), summed over every rank's share."""
+        evaluator = Evaluator(self.engine.logits, self.token_bytes)
+        for b in range(self.eval_batches):
+            for micro_batch in self.val_data.batch(b, self.plan, self.world.rank):
+                evaluator.add(micro_batch)
+        totals = evaluator.totals().reduce()
+        values = {"eval/loss": totals.loss, "eval/ppl": totals.ppl}
+        if totals.bytes:
+            values["eval/bpb"] = totals.bpb
         self.metrics.scalars(step, values)
-        self.metrics.console(f"eval step {step} | loss {loss:.4f} | ppl {values['eval/ppl']:.2f}")
+        bpb = f" | bpb {totals.bpb:.4f}" if totals.bytes else ""
+        self.metrics.console(f"eval step {step} | loss {totals.loss:.4f} | ppl {totals.ppl:.2f}{bpb}")
         self.metrics.flush()
         return values
 
