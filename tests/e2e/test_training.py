@@ -5,6 +5,7 @@ import pytest
 from ..helpers import pretrain, read_metrics, tiny_overrides
 
 STEPS = 8
+PROMPT = "The state of the Union is"
 SCALARS = [
     "train/loss",
     "train/lr",
@@ -44,6 +45,8 @@ def runs(tmp_path_factory, tokenizer_path, tiny_dataset):
         args = (
             tiny_overrides(tokenizer_path, tiny_dataset, run_dir) + common + [f"train.ds_config=ds_configs/{ds}.json"]
         )
+        if name in ("ref", "zero3"):
+            args += ["--sample-prompt", PROMPT]  # the trainer's own greedy sample (under ZeRO-3: every rank)
         result = pretrain(kind, nproc, args)
         assert result.returncode == 0, f"{name}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         out[name] = (run_dir, result)
@@ -198,3 +201,110 @@ def test_a_bad_token_found_by_rank_1_is_reported_by_rank_1(tmp_path, tokenizer_p
     assert "IndexError" not in result.stderr and "]: Traceback" not in result.stderr  # no rank's traceback
     # torchrun's report: rank 1 exited 2 (rank 0, which stops with 2 as well, may be SIGTERMed by torchrun first)
     assert "exitcode  : 2 " in result.stderr, result.stderr[-3000:]
+
+
+def printed_sample(result) -> str:
+    """The continuation the trainer printed after `--- greedy continuation of ...:` and the prompt."""
+    out = result.stdout
+    start = out.index(f"--- greedy continuation of {PROMPT!r}:\n") + len(f"--- greedy continuation of {PROMPT!r}:\n")
+    return out[start:].split("\n\n")[0][len(PROMPT) :]
+
+
+def test_every_zero_stage_checkpoint_loads_for_generation(runs, tokenizer):
+    """The final checkpoint of ZeRO-0/1/2/3 runs (1 and 2 ranks, offload too) loads in one process; the models agree,
+    and greedy generation equals what the trainer itself printed from its engine (ZeRO-1 and, on 2 ranks, ZeRO-3)."""
+    import torch
+
+    from pretrain.generate import GenerationSettings, generate
+    from pretrain.inference import load_model
+
+    prompt = tokenizer.encode(PROMPT)
+    ref = load_model(runs["ref"][0])
+    assert ref.source.endswith(f"step_{STEPS:08d}") and ref.cfg.vocab_size == 2000
+    ids = torch.tensor([prompt])
+    ref_logits = ref.model(ids)
+    settings = GenerationSettings(max_new_tokens=40)
+    texts = {}
+    for name, (run_dir, result) in runs.items():
+        loaded = load_model(run_dir)
+        torch.testing.assert_close(loaded.model(ids), ref_logits, rtol=1e-3, atol=1e-3)
+        (done,) = generate(
+            loaded.model, [prompt], settings, vocab_size=2000, eod_id=tokenizer.eod_id, decode=tokenizer.decode
+        )
+        texts[name] = done.text
+        if name in ("ref", "zero3"):
+            assert printed_sample(result) == done.text, name
+    assert len(texts["ref"]) > 10
+
+
+def test_generate_cli_reads_jsonl_and_writes_jsonl(runs, tmp_path, tokenizer):
+    import json
+    import subprocess
+    import sys
+
+    from ..helpers import REPO
+
+    run_dir = runs["zero3"][0]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text(json.dumps({"prompt": PROMPT, "id": 7}) + "\n\n" + json.dumps({"prompt": "", "id": 8}) + "\n")
+    out = tmp_path / "out" / "done.jsonl"
+    cmd = [sys.executable, str(REPO / "launch/generate.py"), str(run_dir), "--input", str(src), "--output", str(out)]
+    result = subprocess.run([*cmd, "--max-new-tokens", "40"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [7, 8] and rows[0]["completion"] == printed_sample(runs["zero3"][1])
+    assert rows[0]["prompt_tokens"] == len(tokenizer.encode(PROMPT)) and rows[1]["prompt_tokens"] == 1
+    assert all(r["finish"] in ("eod", "length", "context") and r["new_tokens"] <= 40 for r in rows)
+    assert rows[0]["prompt_tokens"] + rows[0]["new_tokens"] <= 33  # model.seq_len 32: the context ends it
+    assert "2 prompt(s)" in result.stderr and "tokens/s" in result.stderr
+    src.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and f"{src}:2: expected an object with a string field 'prompt'" in result.stderr
+    result = subprocess.run([*cmd[:2], str(tmp_path), "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "neither a run directory" in result.stderr
+
+
+def test_export_of_a_zero3_run_loads_in_transformers_and_starts_a_new_run(
+    runs, tmp_path, tokenizer, tokenizer_path, tiny_dataset
+):
+    """launch/export.py to-hf on the ZeRO-3 run: transformers' logits equal ours; our loader reads the folder back
+    to the same model; a 2-rank ZeRO-3 run with train.init_from=<the folder> starts from exactly those weights."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from pretrain.inference import load_model
+
+    from ..helpers import REPO, final_weights
+
+    run_dir = runs["zero3"][0]
+    out = tmp_path / "hf"
+    cmd = [sys.executable, str(REPO / "launch/export.py"), "to-hf", str(run_dir), "--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = load_model(run_dir)
+    ids = torch.tensor([tokenizer.encode(PROMPT + " strong, and the people")])
+    expected = ours.model(ids)
+    torch.testing.assert_close(load_model(out).model(ids), expected, rtol=0, atol=0)
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True)(PROMPT)["input_ids"] == tokenizer.encode(PROMPT)
+
+    cont = tmp_path / "cont"
+    args = tiny_overrides(tokenizer_path, tiny_dataset, cont) + [
+        f"train.init_from={out}", "train.ds_config=ds_configs/zero3.json", "train.global_batch_seqs=4",
+        "train.micro_batch_seqs=2", "train.max_steps=1", "train.eval_every=0", "optim.lr=1e-12", "optim.min_lr=0",
+    ]  # fmt: skip
+    result = pretrain("torchrun", 2, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting from the weights of" in result.stderr
+    start = ours.model.state_dict()
+    for name, value in final_weights(cont).items():  # one step at lr 1e-12 moves no weight measurably
+        torch.testing.assert_close(value, start[name], rtol=0, atol=1e-8, msg=name)
