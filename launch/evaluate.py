@@ -76,6 +76,7 @@ def run(args) -> int:
         text_field=args.text_field,
         max_tokens=args.max_tokens,
         max_documents=args.max_documents,
+        add_bos=loaded.add_bos,
     )
     totals = evaluate(model_logits(loaded.model), TokenBytes(loaded.tokenizer), batches)
     if not totals.tokens:

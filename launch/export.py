@@ -37,28 +37,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[(m.group(2) or "b").lower()])
 
 
-def documents_start_with_bos(data: dict) -> bool:
-    """Whether the run's training documents began with the bos id (data_prep tokenize --add-bos), as the
-    manifests of its datasets say; False where no manifest says so."""
-    from pretrain.shards import read_manifest
-
-    flags = set()
-    for spec in data.get("datasets") or []:
-        try:
-            flags.add(bool(read_manifest(spec["path"] if isinstance(spec, dict) else spec)["settings"]["add_bos"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a bare Megatron prefix, or a dataset that has moved: it does not say
-    if len(flags) > 1:
-        from pretrain.export import ExportError
-
-        raise ExportError("data.datasets: some datasets begin documents with the bos id and some do not")
-    return flags == {True}
-
-
 def cmd_to_hf(args) -> int:
     from pretrain import checkpoint
     from pretrain.export import ExportError, write_folder
-    from pretrain.inference import read_checkpoint
+    from pretrain.inference import documents_start_with_bos, read_checkpoint
 
     cfg, state, run_tokenizer, where = read_checkpoint(args.run, args.tag)
     tokenizer = args.tokenizer or run_tokenizer

@@ -115,9 +115,12 @@ def run(args) -> int:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         t0 = time.perf_counter()
+        seeds = [args.seed + start + i for i in range(len(batch))]  # a prompt samples alike in any batch
+        ids = [[tok.bos_id, *p] if loaded.add_bos else p for p in tok.encode(batch)]  # as its documents began
         done = generate(
-            loaded.model, tok.encode(batch), settings, vocab_size=tok.vocab_size, eod_id=tok.eod_id, decode=tok.decode
-        )
+            loaded.model, ids, settings, vocab_size=tok.vocab_size, eod_id=tok.eod_id,
+            decode=tok.decode, row_seeds=seeds,
+        )  # fmt: skip
         seconds += time.perf_counter() - t0
         new_tokens += sum(len(c.ids) for c in done)
         for prompt, c in zip(batch, done):

@@ -270,6 +270,12 @@ class Engine:
         self.device = self.ds.device
         assert self.ds.zero_optimization_stage() == self.zero_stage
         assert self.ds.gradient_accumulation_steps() == self.plan.grad_accum
+        if weights is not None and self.precision != "fp32":
+            # DeepSpeed made its fp32 master weights from the bf16/fp16 copies: give them the full-precision values
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, p in self.ds.module.named_parameters():
+                safe_set_full_fp32_param(p, weights[name].to(self.device))
         return model
 
     def _gather(self, params: list[torch.nn.Parameter]):

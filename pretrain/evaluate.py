@@ -277,9 +277,12 @@ def shard_documents(path: str, tokenizer: Tokenizer, *, split: str) -> Iterator[
         yield stream.read(start, min(READ_TOKENS, stream.num_tokens - start))
 
 
-def text_documents(paths: list[str], tokenizer: Tokenizer, *, text_field: str = "text") -> Iterator[np.ndarray]:
+def text_documents(
+    paths: list[str], tokenizer: Tokenizer, *, text_field: str = "text", add_bos: bool = False
+) -> Iterator[np.ndarray]:
     """The tokens of each document of text inputs (files, folders, globs: data_prep/readers.py), each followed by
-    EOD, with the ids data_prep tokenize gives it (long documents are encoded in pieces as it does)."""
+    EOD (and begun with bos if `add_bos`), with the ids data_prep tokenize gives it (long documents are encoded in
+    pieces as it does)."""
     from data_prep.readers import CorpusReader, InputError
     from data_prep.tokenize_corpus import PIECE_CHARS, LongTextEncoder
 
@@ -292,9 +295,9 @@ def text_documents(paths: list[str], tokenizer: Tokenizer, *, text_field: str = 
             batch.append(doc.text)
             chars += len(doc.text)
             if chars >= ENCODE_CHARS:
-                yield from _encode(batch, tokenizer, long, PIECE_CHARS)
+                yield from _encode(batch, tokenizer, long, PIECE_CHARS, add_bos)
                 batch, chars = [], 0
-        yield from _encode(batch, tokenizer, long, PIECE_CHARS)
+        yield from _encode(batch, tokenizer, long, PIECE_CHARS, add_bos)
     except InputError as e:
         raise EvalError(f"--data: {e}") from None
     if marked:
@@ -306,31 +309,33 @@ def text_documents(paths: list[str], tokenizer: Tokenizer, *, text_field: str = 
         )
 
 
-def _encode(texts: list[str], tokenizer: Tokenizer, long, piece_chars: int) -> Iterator[np.ndarray]:
+def _encode(texts: list[str], tokenizer: Tokenizer, long, piece_chars: int, add_bos: bool) -> Iterator[np.ndarray]:
     short = iter(tokenizer.encode([t for t in texts if len(t) <= piece_chars], num_threads=os.cpu_count() or 1))
+    bos = [tokenizer.bos_id] if add_bos else []
     for text in texts:
         ids = next(short) if len(text) <= piece_chars else [i for part in long.encode(text, piece_chars) for i in part]
-        yield np.asarray([*ids, tokenizer.eod_id], dtype=np.int64)
+        yield np.asarray([*bos, *ids, tokenizer.eod_id], dtype=np.int64)
 
 
 def source_documents(
-    paths: list[str], tokenizer: Tokenizer, *, split: str = "val", text_field: str = "text"
+    paths: list[str], tokenizer: Tokenizer, *, split: str = "val", text_field: str = "text", add_bos: bool = False
 ) -> Iterator[np.ndarray]:
     """The documents of every source in order: dataset directories and shard prefixes (`is_shards`) through
-    pretrain/data.py, consecutive text inputs through data_prep/readers.py."""
+    pretrain/data.py, consecutive text inputs through data_prep/readers.py (begun with bos if `add_bos`, as the
+    model's training documents were)."""
     if not paths:
         raise EvalError("--data: no source given")
     text: list[str] = []
     for path in paths:
         if is_shards(path):
             if text:
-                yield from text_documents(text, tokenizer, text_field=text_field)
+                yield from text_documents(text, tokenizer, text_field=text_field, add_bos=add_bos)
                 text = []
             yield from shard_documents(path, tokenizer, split=split)
         else:
             text.append(path)
     if text:
-        yield from text_documents(text, tokenizer, text_field=text_field)
+        yield from text_documents(text, tokenizer, text_field=text_field, add_bos=add_bos)
 
 
 def source_windows(
@@ -343,11 +348,12 @@ def source_windows(
     text_field: str = "text",
     max_tokens: int | None = None,
     max_documents: int | None = None,
+    add_bos: bool = False,
 ) -> Iterator[np.ndarray]:
     """Batches of windows over the sources' documents as one stream (see the module's docstring): at most
     `max_documents` documents and `max_tokens` predicted tokens (the last document may be cut)."""
-    documents = take_documents(source_documents(paths, tokenizer, split=split, text_field=text_field),
-                               tokenizer.eod_id, max_documents)  # fmt: skip
+    documents = take_documents(source_documents(paths, tokenizer, split=split, text_field=text_field,
+                                                add_bos=add_bos), tokenizer.eod_id, max_documents)  # fmt: skip
     first = np.array([tokenizer.eod_id], dtype=np.int64)  # so that the first document starts as every other does
     stream = take_tokens(itertools.chain([first], documents), None if max_tokens is None else max_tokens + 1)
     return cut_windows(stream, seq_len=seq_len, batch_size=batch_size)

@@ -400,7 +400,9 @@ def _bpe_merges(pieces: list[tuple[str, float, int]]) -> list[list[str]]:
 
 
 def tokenizer_json(sp_path: Path, *, add_bos: bool = False) -> dict:
-    """A `tokenizers` JSON (tokenizer.json) that encodes and decodes as the sentencepiece model at `sp_path`.
+    """A `tokenizers` JSON (tokenizer.json) that encodes and decodes as the sentencepiece model at `sp_path` (ids
+    that are not valid UTF-8 byte sequences, e.g. a lone continuation byte, may decode to other replacement
+    characters: tokenizers' ByteFallback decoder and sentencepiece differ there).
 
     Supported: BPE and unigram models with identity normalization (or none), whitespace escaped as U+2581,
     no whitespace collapsing, the dummy prefix on or off; byte fallback on or off. Control pieces and <unk> become
@@ -606,8 +608,11 @@ def write_folder(
     ids = special_ids(Path(tokenizer_path)) if tokenizer_path is not None else {}
     if tokenizer_path is not None and cfg.vocab_size is not None:
         n = len(_load_spm(Path(tokenizer_path)).pieces)
-        if n > cfg.vocab_size:
-            raise ExportError(f"{tokenizer_path}: {n} pieces, more than model.vocab_size {cfg.vocab_size}")
+        if n != cfg.vocab_size:
+            raise ExportError(
+                f"{tokenizer_path}: {n} pieces, but the model was trained with model.vocab_size {cfg.vocab_size}: "
+                "not its tokenizer"
+            )
     hf_config, tensors = to_llama(
         state, cfg, bos_id=ids.get("bos"), eos_id=ids.get("eos"), pad_id=ids.get("pad"), dtype=dtype
     )

@@ -14,16 +14,22 @@ Sampling applies, in this order: repetition penalty (to every token of the promp
 positive logit is divided by it, a negative one multiplied), temperature, top-k, top-p (keep the smallest set of
 most likely tokens whose probability reaches p), min-p (drop tokens less likely than min_p times the most likely
 one); then draws from what is left with a generator seeded by `seed`. temperature 0 is greedy decoding.
-Beam search keeps `num_beams` sequences per prompt by total log probability; a beam that ends the document is
-finished with the score log p / new_tokens ** length_penalty (the end-of-document token counted), and a prompt is
-done when no running beam can score better than its worst finished one. Ids past `vocab_size` (the embedding's
-padding rows) are never chosen. A row stops at the end-of-document id (not part of its output), at a stop
-string (the text is cut before it), after max_new_tokens, or when the model's context (model.seq_len) is full.
+Each prompt samples from its own generator, seeded with `seed` + its index (or the `row_seeds` given), so its
+sample does not depend on the other prompts in the batch.
+Beam search keeps `num_beams` sequences per prompt by total log probability (the repetition penalty applies to each
+beam's own tokens); a beam that ends the document is finished with the score log p / new_tokens ** length_penalty
+(the end-of-document token counted), and a prompt is done once it has num_beams finished beams and its best running
+beam, scored at its current length, is no better than the worst of them (as Hugging Face's early_stopping=False).
+Ids past `vocab_size` (the embedding's padding rows) are never chosen. A row stops at the end-of-document id (not
+part of its output), at a stop string (the text is cut before it; `ids` end with the token that completed it; beam
+search cuts its best beam's text at the end), after max_new_tokens, or when the model's context (model.seq_len) is
+full. Rows that have finished stay in the batch (fed padding) until every row has.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,6 +68,7 @@ class GenerationSettings:
             "min_p": not 0 <= self.min_p < 1,
             "repetition_penalty": not 0 < self.repetition_penalty < math.inf,
             "num_beams": self.num_beams < 1,
+            "length_penalty": not math.isfinite(self.length_penalty),
             "padding": self.padding not in ("left", "right"),
         }
         bad = [k for k, v in problems.items() if v]
@@ -100,12 +107,14 @@ def generate(
     eod_id: int | None,
     decode: Callable[[list[int]], str] | None = None,
     forward: Callable[..., torch.Tensor] | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[Completion]:
     """Continue each prompt (a list of token ids; an empty one starts a document); one Completion per prompt.
 
     `model` is a pretrain.model.Transformer (its config, device and dtype size the cache); `forward` calls it
     (default: the model itself; under ZeRO-3 the engine, which every rank calls together with the same inputs).
-    `decode` (ids -> text) is needed for stop strings and fills Completion.text."""
+    `decode` (ids -> text) is needed for stop strings and fills Completion.text. `row_seeds`: each prompt's
+    sampling seed (default: settings.seed + the prompt's index)."""
     settings.check()
     if settings.stop and decode is None:
         raise GenerationError("stop: stop strings need the tokenizer's decode")
@@ -126,14 +135,19 @@ def generate(
         rows.append(_Row(ids, prompt_text=decode(ids) if decode else None))
     if not rows:
         return []
+    if row_seeds is None:
+        row_seeds = [settings.seed + i for i in range(len(rows))]
+    elif len(row_seeds) != len(rows):
+        raise GenerationError(f"row_seeds: {len(row_seeds)} seeds for {len(rows)} prompts")
     with torch.no_grad():
         if settings.num_beams > 1:
             return _beam_search(model, forward, rows, settings, vocab_size, eod_id, decode)
-        return _sample(model, forward, rows, settings, vocab_size, eod_id, decode)
+        return _sample(model, forward, rows, settings, vocab_size, eod_id, decode, row_seeds)
 
 
-def _prefill(model, forward, prompts: list[list[int]], settings, capacity: int, pad_id: int):
-    """Run the padded prompts through the model into a new cache; the logits at each row's last token."""
+def _prefill(model, forward, prompts: list[list[int]], settings, pad_id: int):
+    """Run the padded prompts through the model into a new cache (room for every token a row can still take);
+    the logits at each row's last token."""
     device = model.tok_embeddings.weight.device
     n, width = len(prompts), max(len(p) for p in prompts)
     tokens = torch.full((n, width), pad_id, dtype=torch.long)
@@ -143,35 +157,42 @@ def _prefill(model, forward, prompts: list[list[int]], settings, capacity: int, 
         tokens[i, start : start + len(p)] = torch.tensor(p)
         valid[i, start : start + len(p)] = True
     last = torch.full((n,), width - 1) if settings.padding == "left" else torch.tensor([len(p) - 1 for p in prompts])
-    cache = KVCache.for_model(model, batch=n, capacity=capacity + width)
-    logits = forward(tokens.to(device), cache=cache, valid=valid.to(device), select=last.to(device))
+    room = min(settings.max_new_tokens, model.cfg.seq_len - min(len(p) for p in prompts) + 1)
+    cache = KVCache.for_model(model, batch=n, capacity=width + room)
+    logits = forward(tokens.to(device), cache=cache, valid=valid, select=last.to(device))
     return cache, logits[:, 0].float()
 
 
-def _sample(model, forward, rows: list[_Row], settings, vocab_size, eod_id, decode) -> list[Completion]:
+def _seen(prompts: list[list[int]], settings, vocab_size: int, device) -> torch.Tensor | None:
+    """Which tokens each row holds (prompt and output), for the repetition penalty (None without one)."""
+    if settings.repetition_penalty == 1.0:
+        return None
+    seen = torch.zeros((len(prompts), vocab_size), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        seen[i, p] = True
+    return seen
+
+
+def _sample(model, forward, rows: list[_Row], settings, vocab_size, eod_id, decode, seeds) -> list[Completion]:
     device = model.tok_embeddings.weight.device
     seq_len = model.cfg.seq_len
     pad_id = eod_id if eod_id is not None else 0
-    cache, logits = _prefill(model, forward, [r.prompt for r in rows], settings, settings.max_new_tokens, pad_id)
-    gen = torch.Generator(device=device).manual_seed(settings.seed)
-    seen = None
-    if settings.repetition_penalty != 1.0:
-        seen = torch.zeros((len(rows), vocab_size), dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            seen[i, r.prompt] = True
+    cache, logits = _prefill(model, forward, [r.prompt for r in rows], settings, pad_id)
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds] if settings.temperature > 0 else None
+    seen = _seen([r.prompt for r in rows], settings, vocab_size, device)
     for step in range(settings.max_new_tokens):
-        chosen = choose(logits[:, :vocab_size], settings, seen=seen, generator=gen).tolist()
-        for i, (r, t) in enumerate(zip(rows, chosen)):
+        chosen = choose(logits[:, :vocab_size], settings, seen=seen, generators=gens)
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), chosen] = True  # finished rows' marks are never read
+        chosen = chosen.tolist()
+        for r, t in zip(rows, chosen):
             if r.finish is None:
                 _advance(r, t, settings, eod_id, decode, seq_len)
-                if seen is not None:
-                    seen[i, t] = True
         running = [r.finish is None for r in rows]
         if not any(running) or step + 1 == settings.max_new_tokens:
             break
-        tokens = torch.tensor([[t if ok else pad_id] for t, ok in zip(chosen, running)], device=device)
-        valid = torch.tensor([[ok] for ok in running], device=device)
-        logits = forward(tokens, cache=cache, valid=valid)[:, 0].float()
+        tokens = torch.tensor([[t if ok else pad_id] for t, ok in zip(chosen, running)])
+        logits = forward(tokens.to(device), cache=cache, valid=torch.tensor(running)[:, None])[:, 0].float()
     return [_completion(r, decode) for r in rows]
 
 
@@ -181,7 +202,7 @@ def _advance(r: _Row, token: int, settings, eod_id, decode, seq_len: int) -> Non
         r.finish = "eod"
         return
     r.new.append(token)
-    if settings.stop:
+    if settings.stop and _stop_in_tail(r, settings.stop, decode):
         text = _new_text(r, decode)
         cut = min((i for i in (text.find(s) for s in settings.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -193,10 +214,26 @@ def _advance(r: _Row, token: int, settings, eod_id, decode, seq_len: int) -> Non
         r.finish = "context"
 
 
+def _continuation(decode, before: list[int], after: list[int], before_text: str | None = None) -> str:
+    """The text `after` adds to `before`: decoded together (a piece's leading space is dropped at the start of a
+    decoded sequence) and cut where the texts part (a character may span the last token of `before`, whose bytes
+    alone decode to a replacement character, and the first of `after`)."""
+    before_text = decode(before) if before_text is None else before_text
+    full = decode(before + after)
+    return full[len(os.path.commonprefix([before_text, full])) :]
+
+
 def _new_text(r: _Row, decode) -> str:
-    # decoded with the prompt: a leading space is dropped at the start of a decoded sequence, and a character may
-    # span the last prompt token and the first new one
-    return decode(r.prompt + r.new)[len(r.prompt_text) :]
+    return _continuation(decode, r.prompt, r.new, r.prompt_text)
+
+
+def _stop_in_tail(r: _Row, stops: Sequence[str], decode) -> bool:
+    """Whether a stop string may have just completed: searched in the text of the last few tokens only (a string
+    of L characters spans at most 4 L byte-fallback tokens), so a step costs the same at any length."""
+    k = 4 * max(len(s) for s in stops) + 2
+    ids = r.prompt + r.new
+    tail = _continuation(decode, ids[-k - 2 : -k], ids[-k:])
+    return any(s in tail for s in stops)
 
 
 def _completion(r: _Row, decode) -> Completion:
@@ -206,16 +243,25 @@ def _completion(r: _Row, decode) -> Completion:
     return Completion(ids=r.new, finish=r.finish, prompt_tokens=len(r.prompt), text=text)
 
 
+def penalise(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """The repetition penalty: a seen token's positive logit divided by `penalty`, a negative one multiplied."""
+    if seen is None:
+        return logits
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def choose(
-    logits: torch.Tensor, settings: GenerationSettings, *, seen: torch.Tensor | None = None, generator=None
+    logits: torch.Tensor, settings: GenerationSettings, *, seen: torch.Tensor | None = None, generators=None
 ) -> torch.Tensor:
-    """The next token of each row (batch,) from fp32 logits (batch, vocab), as the settings say."""
-    if seen is not None:
-        penalty = settings.repetition_penalty
-        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    """The next token of each row (batch,) from fp32 logits (batch, vocab), as the settings say; sampling draws
+    row i with generators[i] (one generator for all rows if a single one is given)."""
+    logits = penalise(logits, seen, settings.repetition_penalty)
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, settings), 1, generator=generator)[:, 0]
+    probs = probabilities(logits, settings)
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generators)[:, 0]
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
 def probabilities(logits: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
@@ -249,7 +295,8 @@ def _beam_search(model, forward, rows: list[_Row], settings, vocab_size, eod_id,
     pad_id = eod_id if eod_id is not None else 0
     n = len(rows)
     prompts = [r.prompt for r in rows for _ in range(width)]
-    cache, logits = _prefill(model, forward, prompts, settings, settings.max_new_tokens, pad_id)
+    cache, logits = _prefill(model, forward, prompts, settings, pad_id)
+    seen = _seen(prompts, settings, vocab_size, device)
     beams = [[_Beam([], 0.0 if j == 0 else -math.inf) for j in range(width)] for _ in rows]  # one start per prompt
     finished: list[list[tuple[float, list[int], str]]] = [[] for _ in rows]
     done = [False] * n
@@ -258,17 +305,18 @@ def _beam_search(model, forward, rows: list[_Row], settings, vocab_size, eod_id,
         return logp / max(length, 1) ** lp
 
     for step in range(settings.max_new_tokens):
-        logprobs = logits[:, :vocab_size].log_softmax(dim=-1).view(n, width, vocab_size).cpu()
+        logprobs = penalise(logits[:, :vocab_size], seen, settings.repetition_penalty).log_softmax(dim=-1)
+        beam_logp = torch.tensor([b.logp for row in beams for b in row], device=device)
+        total = (logprobs + beam_logp[:, None]).view(n, width * vocab_size)
+        top_values, top_flat = (x.tolist() for x in total.topk(2 * width, dim=-1))  # one sync per step
         next_tokens, order = [], []
         for i in range(n):
             if done[i]:
                 next_tokens += [pad_id] * width
                 order += [i * width] * width
                 continue
-            total = logprobs[i] + torch.tensor([b.logp for b in beams[i]])[:, None]
-            values, flat = total.flatten().topk(2 * width)
             chosen = []
-            for value, idx in zip(values.tolist(), flat.tolist()):
+            for value, idx in zip(top_values[i], top_flat[i]):
                 j, token = divmod(idx, vocab_size)
                 if value == -math.inf:
                     break
@@ -297,9 +345,13 @@ def _beam_search(model, forward, rows: list[_Row], settings, vocab_size, eod_id,
             order += [i * width + j for j, _ in chosen]
         if all(done) or step + 1 == settings.max_new_tokens:
             break
-        cache.reorder(torch.tensor(order, device=device))
-        valid = torch.tensor([[not done[k // width]] for k in range(n * width)], device=device)
-        logits = forward(torch.tensor(next_tokens, device=device)[:, None], cache=cache, valid=valid)[:, 0].float()
+        cache.reorder(order)
+        tokens = torch.tensor(next_tokens, device=device)
+        if seen is not None:  # each beam's history is its parent's, plus its new token
+            seen = seen[torch.tensor(order, device=device)]
+            seen[torch.arange(n * width, device=device), tokens] = True
+        valid = torch.tensor([[not done[k // width]] for k in range(n * width)])
+        logits = forward(tokens[:, None], cache=cache, valid=valid)[:, 0].float()
     out = []
     for i, r in enumerate(rows):
         if not done[i]:

@@ -12,6 +12,7 @@ which refuses pickles our saves do not contain) and its model config read from i
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class Loaded:
     cfg: ModelConfig
     source: str  # what was loaded: the checkpoint directory or the exported folder
     device: torch.device
+    add_bos: bool = False  # its training documents began with the bos id (data_prep tokenize --add-bos)
 
 
 def default_device() -> torch.device:
@@ -74,11 +76,15 @@ def load_model(
         cfg, state, folder_tokenizer = read_folder(path)
         tokenizer = tokenizer or folder_tokenizer
         where = str(path)
+        add_bos = _folder_adds_bos(path)
         if tokenizer is None:
             raise LoadError(f"{path}: no tokenizer.model in the folder; name one with --tokenizer")
     else:
         cfg, state, run_tokenizer, where = read_checkpoint(path, tag)
         tokenizer = tokenizer or run_tokenizer
+        add_bos = documents_start_with_bos(
+            checkpoint.read_meta(Path(where).parent, Path(where).name).config.get("data", {})
+        )
     try:
         tok = Tokenizer(tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -96,7 +102,31 @@ def load_model(
     model = build_model(cfg, state, where)
     model.to(device=device, dtype=DTYPES[dtype]).eval()
     log.info("loaded %s: %s parameters, %s on %s", where, f"{model.num_params():,}", dtype, device)
-    return Loaded(model=model, tokenizer=tok, cfg=cfg, source=where, device=device)
+    return Loaded(model=model, tokenizer=tok, cfg=cfg, source=where, device=device, add_bos=add_bos)
+
+
+def _folder_adds_bos(path: Path) -> bool:
+    """Whether an exported folder's tokenizer begins a text with bos (tokenizer_config.json's add_bos_token)."""
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("add_bos_token", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def documents_start_with_bos(data: dict) -> bool:
+    """Whether the run's training documents began with the bos id (data_prep tokenize --add-bos), as the
+    manifests of its datasets say; False where no manifest says so."""
+    from pretrain.shards import read_manifest
+
+    flags = set()
+    for spec in data.get("datasets") or []:
+        try:
+            flags.add(bool(read_manifest(spec["path"] if isinstance(spec, dict) else spec)["settings"]["add_bos"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a bare Megatron prefix, or a dataset that has moved: it does not say
+    if len(flags) > 1:
+        raise LoadError("data.datasets: some datasets begin documents with the bos id and some do not")
+    return flags == {True}
 
 
 def read_checkpoint(path: str | Path, tag: str | None = None) -> tuple[ModelConfig, dict, str | None, str]:

@@ -102,9 +102,13 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.write = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next free slot
+        self.device = torch.device(device)
+        # the bookkeeping is mirrored on the host, so that a step needs no device-to-host sync
+        self.write = torch.zeros(batch, dtype=torch.long)  # each row's next free slot
+        self.count = torch.zeros(batch, dtype=torch.long)  # each row's real tokens so far
         self.capacity = capacity
         self.used = 0  # slots [0, used) may hold keys of some row
+        self.max_position = -1  # the highest position of a real token so far
         self.all_valid = True  # no padding anywhere so far: attention needs no mask
         self.slots = self.mask = None  # of the forward in progress (begin)
 
@@ -115,26 +119,34 @@ class KVCache:
         return cls(cfg.n_layers, batch, n_kv, capacity, cfg.d_model // cfg.n_heads, device=p.device, dtype=p.dtype)
 
     def begin(self, t: int, valid: torch.Tensor | None) -> torch.Tensor:
-        """Claim slots for the next `t` tokens of every row (`valid`: (batch, t), False for padding); returns their
-        positions (batch, t) and prepares the attention mask the layers use."""
+        """Claim slots for the next `t` tokens of every row (`valid`: (batch, t), False for padding; best on the
+        host); returns their positions (batch, t) and prepares the attention mask the layers use."""
         b = self.write.shape[0]
-        offsets = torch.arange(t, device=self.write.device)
-        self.slots = self.write[:, None] + offsets  # (batch, t)
-        if int(self.slots.max()) >= self.capacity:
-            raise ValueError(f"KV cache full: {self.capacity} slots")
-        rows = torch.arange(b, device=self.write.device)[:, None]
-        new_valid = torch.ones(b, t, dtype=torch.bool, device=self.valid.device) if valid is None else valid.bool()
-        self.valid[rows, self.slots] = new_valid
-        self.used = max(self.used, int(self.slots.max()) + 1)
+        new_valid = torch.ones(b, t, dtype=torch.bool) if valid is None else valid.cpu().bool()
+        offsets = torch.arange(t)
+        slots = self.write[:, None] + offsets  # (batch, t)
+        top = int(slots.max())
+        if top >= self.capacity:
+            raise ValueError(
+                f"KV cache full: a row needs slot {top} of {self.capacity} (size it for the tokens to come)"
+            )
+        self.used = max(self.used, top + 1)
         # the next free slot follows each row's last real token (right padding is overwritten by what comes next)
-        last = torch.where(new_valid, offsets + 1, 0).amax(dim=1)
-        self.write = self.write + last
+        self.write = self.write + torch.where(new_valid, offsets + 1, 0).amax(dim=1)
+        self.count = self.count + new_valid.sum(dim=1)
+        self.max_position = max(self.max_position, int(self.count.max()) - 1)
+        first = self.all_valid and t == self.used  # the first tokens of every row, no padding: plain causal
         self.all_valid = self.all_valid and bool(new_valid.all())
-        positions = (self.valid[:, : self.used].cumsum(-1) - 1).gather(1, self.slots).clamp(min=0)
-        if self.all_valid and (t == 1 or self.used == t):
+        self.slots = slots.to(self.device)
+        new_valid = new_valid.to(self.device)
+        rows = torch.arange(b, device=self.device)[:, None]
+        self.valid[rows, self.slots] = new_valid
+        positions = (self.valid[:, : self.used].cumsum(-1) - 1).gather(1, self.slots)
+        positions = torch.where(new_valid, positions, 0)
+        if self.all_valid and (t == 1 or first):
             self.mask = None  # no padding, one new token or the first ones: no mask (causal for the first ones)
         else:
-            keys = torch.arange(self.used, device=self.valid.device)
+            keys = torch.arange(self.used, device=self.device)
             sees = (keys[None, None, :] <= self.slots[:, :, None]) & self.valid[:, None, : self.used]
             sees |= keys[None, None, :] == self.slots[:, :, None]  # padding attends to itself: no empty rows (NaN)
             self.mask = sees[:, None]  # (batch, 1, t, used)
@@ -148,12 +160,17 @@ class KVCache:
         self.v[layer][rows, :, self.slots] = v.transpose(1, 2)
         return self.k[layer][:, :, : self.used], self.v[layer][:, :, : self.used]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Rows become the rows `index` names (beam search keeps the chosen beams' histories)."""
-        for kv in (self.k, self.v):
-            for i, t in enumerate(kv):
-                kv[i] = t.index_select(0, index)
-        self.valid, self.write = self.valid.index_select(0, index), self.write.index_select(0, index)
+    def reorder(self, index: list[int] | torch.Tensor) -> None:
+        """Rows become the rows `index` names (beam search keeps the chosen beams' histories); in place, over the
+        slots in use."""
+        host = torch.as_tensor(index, dtype=torch.long).cpu()
+        if torch.equal(host, torch.arange(len(host))):
+            return
+        idx = host.to(self.device)
+        for t in self.k + self.v:
+            t[:, :, : self.used] = t[:, :, : self.used].index_select(0, idx)
+        self.valid[:, : self.used] = self.valid[:, : self.used].index_select(0, idx)
+        self.write, self.count = self.write[host], self.count[host]
 
 
 class Attention(nn.Module):
@@ -271,15 +288,15 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         else:
             positions = cache.begin(t, valid)
-            if int(positions.max()) >= self.cfg.seq_len:
-                raise ValueError(f"position {int(positions.max())} is beyond model.seq_len {self.cfg.seq_len}")
+            if cache.max_position >= self.cfg.seq_len:
+                raise ValueError(f"position {cache.max_position} is beyond model.seq_len {self.cfg.seq_len}")
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (batch, 1, t, head_dim)
         x = self.tok_embeddings(tokens)  # (batch, seq, d_model)
         for i, layer in enumerate(self.layers):
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            elif cache is not None:
+            if cache is not None:
                 x = layer(x, cos, sin, cache, i)
+            elif self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
         if select is not None:

@@ -97,3 +97,12 @@ def slurm(tmp_path_factory):
     cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def tiny_run(tmp_path, world, ds_json, tokenizer_path):
+    """A run directory with one checkpoint (step 2, ZeRO-0) of a tiny model trained in this process for 2 steps:
+    (run_dir, engine); `engine.module` holds the weights saved."""
+    from .helpers import save_tiny_run
+
+    return save_tiny_run(tmp_path / "run", ds_json(0), tokenizer_path)

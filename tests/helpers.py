@@ -191,6 +191,27 @@ def tiny_engine(ds_config: str, *, seed: int = 0, global_batch: int = 4, micro: 
     return engine
 
 
+def save_tiny_run(run_dir: Path, ds_config: str, tokenizer_path: Path, data: dict | None = None):
+    """Train a tiny model for 2 steps in this process (needs the `world` fixture) and save its checkpoint (step 2)
+    in run_dir, its meta holding `data` (default: just the tokenizer) as the run's data section; (run_dir, engine)."""
+    from pretrain.checkpoint import CheckpointManager, CheckpointMeta
+    from pretrain.config import CheckpointConfig, ModelConfig, to_dict
+    from pretrain.distributed import World
+    from pretrain.tokenizer import Tokenizer
+
+    vocab = Tokenizer(tokenizer_path).vocab_size
+    model = dict(d_model=32, n_layers=2, n_heads=2, seq_len=16, vocab_size=vocab)
+    engine = tiny_engine(ds_config, **model)
+    for i in range(2):
+        engine.train_step(random_batches(i, vocab=vocab), 1e-2)
+    data = {"tokenizer": str(tokenizer_path), **(data or {})}
+    config = {"model": to_dict(ModelConfig(**model)), "data": data, "train": {"seed": 0}}
+    meta = CheckpointMeta.of_run(global_batch=4, world_size=1, zero_stage=0, config=config, data_fingerprint={})
+    manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig(), engine=engine, world=World(), run=meta)
+    manager.save(2)
+    return run_dir, engine
+
+
 def random_batches(seed: int, n: int = 2, micro: int = 2, seq_len: int = 16, vocab: int = 100) -> list:
     import torch
 

@@ -5,13 +5,9 @@ import json
 
 import pytest
 
-from pretrain.checkpoint import CheckpointManager, CheckpointMeta
-from pretrain.config import CheckpointConfig, ModelConfig, to_dict
 from pretrain.evaluate import TokenBytes, evaluate, model_logits, source_windows
 
-from ..helpers import TRICKY, random_batches, tiny_engine, write_jsonl
-
-MODEL = dict(d_model=32, n_layers=2, n_heads=2, seq_len=16)
+from ..helpers import TRICKY, write_jsonl
 
 
 def evaluate_cli(argv):
@@ -20,22 +16,8 @@ def evaluate_cli(argv):
     return cli.main([str(a) for a in argv])
 
 
-@pytest.fixture
-def run_dir(tmp_path, world, ds_json, tokenizer, tokenizer_path):
-    """A run directory with one checkpoint (step 2) of a tiny model; `run_dir.engine` holds the model trained."""
-    model = dict(MODEL, vocab_size=tokenizer.vocab_size)
-    engine = tiny_engine(ds_json(0), **model)
-    for i in range(2):
-        engine.train_step(random_batches(i, vocab=tokenizer.vocab_size), 1e-2)
-    config = {"model": to_dict(ModelConfig(**model)), "data": {"tokenizer": str(tokenizer_path)}, "train": {"seed": 0}}
-    meta = CheckpointMeta.of_run(global_batch=4, world_size=1, zero_stage=0, config=config, data_fingerprint={})
-    run = tmp_path / "run"
-    CheckpointManager(run / "checkpoints", CheckpointConfig(), engine=engine, world=world, run=meta).save(2)
-    return run, engine
-
-
-def test_the_result_of_a_checkpoint_agrees_with_its_weights(tmp_path, run_dir, tokenizer, speeches, capsys):
-    run, engine = run_dir
+def test_the_result_of_a_checkpoint_agrees_with_its_weights(tmp_path, tiny_run, tokenizer, speeches, capsys):
+    run, engine = tiny_run
     texts = TRICKY + [speeches[50].read_text(encoding="utf-8")[:3000]]
     data = write_jsonl(tmp_path / "held_out.jsonl", texts)
     out = tmp_path / "results" / "eval.json"
@@ -57,10 +39,10 @@ def test_the_result_of_a_checkpoint_agrees_with_its_weights(tmp_path, run_dir, t
     assert cut["tokens"] == 50 and cut["seq_len"] == 8
 
 
-def test_bad_input_exits_2_naming_it(tmp_path, run_dir, tiny_dataset, speeches, capsys):
+def test_bad_input_exits_2_naming_it(tmp_path, tiny_run, tiny_dataset, speeches, capsys):
     from data_prep import train_tokenizer
 
-    run, _ = run_dir
+    run, _ = tiny_run
     data = write_jsonl(tmp_path / "held_out.jsonl", TRICKY)
 
     def refused(*argv) -> str:

@@ -154,3 +154,25 @@ def test_non_finite_step_is_not_applied(world, ds_json, stage):
     assert len(before[1]) == len(after[1]) > 0 and all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
     assert engine.train_step(random_batches(20), 1e-3).applied
     assert not all(torch.equal(a, p) for a, p in zip(before[0], engine.module.parameters()))
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_starting_weights_reach_the_fp32_master_weights_under_bf16(world, ds_json, stage):
+    """train.init_from under bf16: the module holds bf16 copies, but DeepSpeed's fp32 master weights (what training
+    updates and checkpoints save) get the starting weights exactly, not their bf16 rounding."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pretrain.engine import Engine
+
+    model_cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, seq_len=16)
+    source = Transformer(model_cfg)
+    source.init_weights(5)
+    g = torch.Generator().manual_seed(0)
+    weights = {k: v + 1e-4 * torch.randn(v.shape, generator=g) for k, v in source.state_dict().items()}
+    train = TrainConfig(ds_config=ds_json(stage), micro_batch_seqs=2, global_batch_seqs=2, precision="bf16")
+    engine = Engine(optim(warmup_steps=0), train, BatchPlan.resolve(train, seq_len=16, world_size=1))
+    engine.build(model_cfg, seed=0, weights=weights)
+    for name, p in engine.ds.module.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(safe_get_full_fp32_param(p).cpu(), weights[name]), name

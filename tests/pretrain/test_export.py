@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from pretrain import checkpoint
@@ -233,7 +234,7 @@ def test_autotokenizer_gives_our_ids_and_text_back(tmp_path, tokenizer_path, uni
 
     sp_path = tokenizer_path if kind == "bpe" else unigram_path
     ours = Tokenizer(sp_path)
-    cfg, model = small_model(tie=True)
+    cfg, model = small_model(tie=True, vocab_size=spm.SentencePieceProcessor(model_file=str(sp_path)).vocab_size())
     folder = write_folder(model.state_dict(), cfg, sp_path, tmp_path / "hf")
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_config["add_bos_token"] is False
@@ -260,7 +261,7 @@ def test_unsupported_tokenizers_are_refused(tmp_path):
     for piece, kind in (("<unk>", 2), ("<s>", 3), ("▁a", 1)):
         proto.pieces.add(piece=piece, score=0.0, type=kind)
     (tmp_path / "word.model").write_bytes(proto.SerializeToString())
-    cfg, model = small_model(tie=True)
+    cfg, model = small_model(tie=True, vocab_size=3)
     with pytest.raises(ExportError, match=r"word.model: model type 'word' is not supported"):
         write_folder(model.state_dict(), cfg, tmp_path / "word.model", tmp_path / "hf")
     proto.normalizer_spec.name = "nmt_nfkc"
@@ -360,3 +361,10 @@ def test_to_hf_and_from_hf_from_a_run(tmp_path, world, ds_json, tokenizer_path, 
     assert run.model == dataclasses.replace(model_cfg, init_std=run.model.init_std)
     assert main(["from-hf", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.pt")]) == 2
     assert main(["to-hf", str(tmp_path / "run"), "--output", str(tmp_path / "y"), "--tokenizer", "no.model"]) == 2
+
+
+def test_a_tokenizer_of_another_vocab_size_is_refused(tmp_path, unigram_path):
+    cfg, model = small_model(tie=True)  # vocab 2000; the unigram tokenizer has 1000 pieces
+    with pytest.raises(ExportError, match="1000 pieces, but the model was trained with model.vocab_size 2000"):
+        write_folder(model.state_dict(), cfg, unigram_path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.generate import GenerationError, GenerationSettings, choose, generate, probabilities
+from pretrain.generate import GenerationError, GenerationSettings, _continuation, choose, generate, probabilities
 from pretrain.model import KVCache, Transformer
 
 VOCAB = 100  # padded to 128 rows: ids 100..127 must never be chosen
@@ -148,7 +148,7 @@ def test_sampling_follows_the_distribution():
     """Thousands of draws from a known distribution land where its probabilities say (within 4 sigma)."""
     logits = torch.tensor([[1.0, 0.5, 0.0, -0.5, -3.0]]).repeat(4000, 1)
     settings = GenerationSettings(temperature=1.0, top_k=4)
-    counts = torch.bincount(choose(logits, settings, generator=torch.Generator().manual_seed(0)), minlength=5)
+    counts = torch.bincount(choose(logits, settings, generators=torch.Generator().manual_seed(0)), minlength=5)
     expected = probabilities(logits[:1], settings)[0] * 4000
     assert counts[4] == 0
     for got, want in zip(counts.tolist(), expected.tolist()):
@@ -220,3 +220,64 @@ def test_an_empty_prompt_starts_a_document():
     model = tiny_model()
     (c,) = run(model, [[]], max_new_tokens=5)
     assert c.ids == greedy_reference(model, [2], 5) and c.prompt_tokens == 1
+
+
+def test_a_prompt_samples_the_same_tokens_in_any_batch():
+    """Each prompt draws from its own generator (seed + its index, or the row seeds given): its sample does not
+    depend on the other prompts, their number or the padding side."""
+    model = tiny_model()
+    kw = {"temperature": 1.0, "top_k": 20, "max_new_tokens": 12}
+    batch = run(model, PROMPTS, seed=3, **kw)
+    for i, prompt in enumerate(PROMPTS):
+        (alone,) = run(model, [prompt], seed=3 + i, **kw)
+        assert alone.ids == batch[i].ids
+    (right,) = run(model, [PROMPTS[1]], seed=0, padding="right", **kw)[:1]
+    mixed = generate(
+        model, PROMPTS[1:3], GenerationSettings(stop_at_eod=False, padding="right", **kw), vocab_size=VOCAB,
+        eod_id=2, row_seeds=[0, 99],
+    )  # fmt: skip
+    assert mixed[0].ids == right.ids
+
+
+@torch.no_grad()
+def test_beam_search_applies_the_repetition_penalty_to_each_beam():
+    """Two new tokens, VOCAB beams, penalty 3: the best pair under penalised log probabilities, by brute force
+    (the second token's logits are penalised for the prompt and the first token)."""
+    model = tiny_model()
+    prompt, penalty = PROMPTS[0], 3.0
+
+    def penalised(logits, seen):
+        logits = logits.clone()
+        for t in seen:
+            logits[..., t] = logits[..., t] / penalty if logits[..., t] > 0 else logits[..., t] * penalty
+        return logits.log_softmax(-1)
+
+    first = penalised(model(torch.tensor([prompt]))[0, -1, :VOCAB], set(prompt))
+    second = model(torch.tensor([prompt + [t] for t in range(VOCAB)]))[:, -1, :VOCAB]
+    total = torch.stack([first[t] + penalised(second[t], set(prompt) | {t}) for t in range(VOCAB)])
+    best = int(total.argmax())
+    (beam,) = run(model, [prompt], max_new_tokens=2, num_beams=VOCAB, length_penalty=0.0, repetition_penalty=penalty)
+    assert beam.ids == [best // VOCAB, best % VOCAB]
+    assert beam.score == pytest.approx(float(total.max()), abs=1e-4)
+    (plain,) = run(model, [prompt], max_new_tokens=2, num_beams=VOCAB, length_penalty=0.0)
+    assert plain.score != pytest.approx(beam.score)
+
+
+def test_generation_in_training_mode_with_activation_checkpointing_uses_the_cache():
+    model = tiny_model()
+    model.cfg.activation_checkpointing = True
+    want = [c.ids for c in run(model, PROMPTS)]
+    model.train()
+    assert [c.ids for c in run(model, PROMPTS)] == want
+
+
+def test_the_cache_holds_only_what_the_context_allows():
+    model = tiny_model(seq_len=24)
+    (c,) = run(model, [[4] * 20], max_new_tokens=10**9)  # a cache sized by max_new_tokens would not fit in memory
+    assert c.finish == "context" and len(c.ids) == 5
+
+
+def test_a_character_split_between_prompt_and_output_belongs_to_the_output(tokenizer):
+    ids = tokenizer.encode("Hi 日本 ok")  # CJK falls back to bytes with this English tokenizer
+    cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    assert _continuation(tokenizer.decode, ids[:cut], ids[cut:]) == "Hi 日本 ok"[len(tokenizer.decode(ids[:cut])) - 1 :]
