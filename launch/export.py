@@ -38,18 +38,16 @@ def parse_size(text: str) -> int:
 
 
 def cmd_to_hf(args) -> int:
-    from pretrain import checkpoint
     from pretrain.export import ExportError, write_folder
     from pretrain.inference import documents_start_with_bos, read_checkpoint
 
-    cfg, state, run_tokenizer, where = read_checkpoint(args.run, args.tag)
-    tokenizer = args.tokenizer or run_tokenizer
+    cfg, state, data, where = read_checkpoint(args.run, args.tag)
+    tokenizer = args.tokenizer or data.get("tokenizer")
     if not tokenizer:
         raise ExportError(f"{where}/meta.json: the run names no data.tokenizer; pass --tokenizer")
     if not Path(tokenizer).is_file():
         raise ExportError(f"{tokenizer}: tokenizer not found (pass --tokenizer with the run's sentencepiece model)")
-    config = checkpoint.read_meta(Path(where).parent, Path(where).name).config
-    add_bos = documents_start_with_bos(config.get("data", {}))
+    add_bos = documents_start_with_bos(data)
     out = write_folder(
         state, cfg, tokenizer, args.output, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
         overwrite=args.overwrite, add_bos=add_bos,

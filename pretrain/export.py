@@ -35,7 +35,7 @@ import torch
 from pretrain.config import ModelConfig
 from pretrain.errors import BadInput
 from pretrain.fileutil import fsync_dir
-from pretrain.model import ffn_dim, padded_vocab
+from pretrain.model import Transformer, ffn_dim, padded_vocab
 
 
 class ExportError(BadInput, ValueError):
@@ -125,21 +125,10 @@ def llama_config(cfg: ModelConfig, *, bos_id=None, eos_id=None, pad_id=None, dty
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our state dict's names and shapes (output.weight too when tied: the model's state_dict holds both)."""
-    n_heads, kv, hd = _dims(cfg)
-    d, h, v = cfg.d_model, ffn_dim(cfg), padded_vocab(cfg)
-    shapes = {"tok_embeddings.weight": (v, d)}
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes[p + "attention_norm.weight"] = (d,)
-        shapes[p + "attention.wqkv.weight"] = ((n_heads + 2 * kv) * hd, d)
-        shapes[p + "attention.wo.weight"] = (d, n_heads * hd)
-        shapes[p + "ffn_norm.weight"] = (d,)
-        shapes[p + "feed_forward.w13.weight"] = (2 * h, d)
-        shapes[p + "feed_forward.w2.weight"] = (d, h)
-    shapes["norm.weight"] = (d,)
-    shapes["output.weight"] = (v, d)
-    return shapes
+    """Our state dict's names and shapes, as the model builds them (output.weight too when tied: the model's
+    state_dict holds both)."""
+    with torch.device("meta"):  # shapes only: nothing allocated
+        return {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
 
 
 def _check_state(state: Mapping, shapes: dict[str, tuple[int, ...]], what: str, optional=()) -> None:

@@ -80,11 +80,9 @@ def load_model(
         if tokenizer is None:
             raise LoadError(f"{path}: no tokenizer.model in the folder; name one with --tokenizer")
     else:
-        cfg, state, run_tokenizer, where = read_checkpoint(path, tag)
-        tokenizer = tokenizer or run_tokenizer
-        add_bos = documents_start_with_bos(
-            checkpoint.read_meta(Path(where).parent, Path(where).name).config.get("data", {})
-        )
+        cfg, state, data, where = read_checkpoint(path, tag)
+        tokenizer = tokenizer or data.get("tokenizer")
+        add_bos = documents_start_with_bos(data)
     try:
         tok = Tokenizer(tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -129,9 +127,9 @@ def documents_start_with_bos(data: dict) -> bool:
     return flags == {True}
 
 
-def read_checkpoint(path: str | Path, tag: str | None = None) -> tuple[ModelConfig, dict, str | None, str]:
-    """A run directory's checkpoint (newest valid, or `tag`): its model config, fp32 weights, the run's tokenizer
-    path (None if it names none) and the checkpoint directory, as a string for messages."""
+def read_checkpoint(path: str | Path, tag: str | None = None) -> tuple[ModelConfig, dict, dict, str]:
+    """A run directory's checkpoint (newest valid, or `tag`): its model config, fp32 weights, the run's data section
+    (data.tokenizer, data.datasets) and the checkpoint directory, as a string for messages."""
     path = Path(path)
     ckpt_dir = checkpoint.checkpoints_of(path)
     if not ckpt_dir.is_dir():
@@ -148,14 +146,15 @@ def read_checkpoint(path: str | Path, tag: str | None = None) -> tuple[ModelConf
     except ConfigError as e:
         raise LoadError(f"{ckpt_dir / tag / checkpoint.META}: {e}") from None
     state = checkpoint.consolidate(ckpt_dir, tag)
-    return cfg, state, meta.config.get("data", {}).get("tokenizer") or None, str(ckpt_dir / tag)
+    return cfg, state, meta.config.get("data", {}), str(ckpt_dir / tag)
 
 
 def weights_problem(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict, str | None]:
     """`state` as the model of `cfg` takes it (a tied output head is the embedding: dropped), and what is wrong with
     it (a tensor missing, unexpected or of another shape), or None."""
-    with torch.device("meta"):  # shapes only: nothing allocated
-        shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    from pretrain.export import expected_shapes
+
+    shapes = expected_shapes(cfg)
     state = dict(state)
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
