@@ -1,4 +1,4 @@
-"""`python -m data_prep <command>`: train-tokenizer, tokenize, inspect (each has --help)."""
+"""`python -m data_prep <command>`: train-tokenizer, tokenize, inspect, merge (each has --help)."""
 
 import sys
 
@@ -6,6 +6,7 @@ COMMANDS = {
     "train-tokenizer": "data_prep.train_tokenizer",
     "tokenize": "data_prep.tokenize_corpus",
     "inspect": "data_prep.inspect_shards",
+    "merge": "data_prep.merge",
 }
 
 

@@ -59,6 +59,7 @@ INPUTS_HELP = (
     "without entering symlinked directories"
 )
 ZSTD_MAGIC = 0xFD2FB528
+_JSON = json.JSONDecoder()  # what json.loads(str) uses, minus its per-call checks
 
 
 class InputError(ValueError):
@@ -223,6 +224,38 @@ def _raw_chunks(f) -> Iterator[bytes]:
         yield chunk
 
 
+def _range_chunks(f, start: int, end: int) -> Iterator[bytes]:
+    """The bytes of the lines that start in [start, end) of an uncompressed file (data_prep/parts.py): a line that
+    began before `start` is left to the range that holds its first byte; the last line that starts before `end`
+    is read to its end."""
+    pos, rest = 0, b""  # `rest`: bytes read from offset `pos` on, not yet given out
+    if start > 0:
+        f.seek(start - 1)
+        pos = start - 1
+        while True:  # drop the line holding byte start - 1, up to and including its newline
+            chunk = f.read(CHUNK)
+            if not chunk:
+                return
+            i = chunk.find(b"\n")
+            if i >= 0:
+                pos, rest = pos + i + 1, chunk[i + 1 :]
+                break
+            pos += len(chunk)
+    if pos >= end:  # no line starts in the range
+        return
+    while True:  # give out everything up to the first newline at offset end - 1 or later
+        if not rest:
+            rest = f.read(CHUNK)
+            if not rest:
+                return
+        k = max(end - 1 - pos, 0)
+        if k < len(rest) and (i := rest.find(b"\n", k)) >= 0:
+            yield rest[: i + 1]
+            return
+        yield rest
+        pos, rest = pos + len(rest), b""
+
+
 def _zstd_chunks(f, unchecked: Callable[[], None]) -> Iterator[bytes]:
     """Decompress every frame of a .zst file; a stream that ends inside a frame raises TruncatedStream, and
     `unchecked()` is called for each frame that carries no content checksum (its corruption goes undetected).
@@ -293,6 +326,7 @@ class CorpusReader:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.paths, self.text_field, self.on_error = paths, text_field, on_error
+        self.ranges: dict[Path, tuple[int, int]] = {}  # byte ranges read of some paths (data_prep/parts.py)
         self.skipped: Counter[str] = Counter()
         self.unreadable: list[str] = []  # files and directories skipped as unreadable
         self.unchecked: list[str] = []  # .zst files with frames that carry no content checksum
@@ -306,9 +340,16 @@ class CorpusReader:
         reader.paths = expand_inputs(specs, bad=reader.bad)
         return reader
 
+    def read_slices(self, slices: list) -> None:
+        """Read only these files, and of a file given as a byte range only the lines that start in it
+        (data_prep/parts.py's Slice: path, start, end, whole)."""
+        self.paths = [s.path for s in slices]
+        self.ranges = {s.path: (s.start, s.end) for s in slices if not s.whole}
+        self.__dict__.pop("total_raw_bytes", None)
+
     @cached_property
     def total_raw_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.paths)
+        return sum(self.ranges[p][1] - self.ranges[p][0] if p in self.ranges else p.stat().st_size for p in self.paths)
 
     def bad(self, reason: str, where: str, message: str) -> None:
         """Fail, or count and log, one bad item."""
@@ -348,9 +389,18 @@ class CorpusReader:
                     if name.endswith(".zst")
                     else _gzip_chunks(f)
                     if name.endswith(".gz")
+                    else _range_chunks(raw, *self.ranges[path])
+                    if path in self.ranges
                     else _raw_chunks(f)
                 )
-                docs = self._text_file(path, chunks) if name.endswith(TEXT_SUFFIXES) else self._jsonl_file(path, chunks)
+                if path in self.ranges:  # lines are counted from the range's start
+                    label = Path(f"{path}[bytes {self.ranges[path][0]}-{self.ranges[path][1]}]")
+                    self.raw_bytes_read += self.ranges[path][1] - self.ranges[path][0]  # for progress, at once
+                else:
+                    label = path
+                docs = (
+                    self._text_file(label, chunks) if name.endswith(TEXT_SUFFIXES) else self._jsonl_file(label, chunks)
+                )
                 try:
                     yield from docs
                 except TruncatedStream as e:
@@ -372,13 +422,14 @@ class CorpusReader:
         yield Document(text, str(path), data)
 
     def _jsonl_file(self, path: Path, chunks: Iterator[bytes]) -> Iterator[Document]:
-        field = self.text_field
+        # Per-line work is the main process's share of a tokenize run (workers only encode): kept minimal.
+        field, decode, prefix = self.text_field, _JSON.decode, f"{path}:"
         for lineno, line in enumerate(_lines(chunks), start=1):
-            if not line.strip():
+            if not line or line.isspace():  # as `not line.strip()`, without copying the line
                 continue  # blank lines hold no document
-            where = f"{path}:{lineno}"
+            where = prefix + str(lineno)
             try:
-                obj = json.loads(line.decode("utf-8"))
+                obj = decode(line.decode("utf-8"))
             except UnicodeDecodeError as e:
                 self.bad("invalid_utf8", where, f"invalid UTF-8 at byte {e.start} of the line")
                 continue

@@ -46,6 +46,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from data_prep.parts import check_part, plan
 from data_prep.readers import INPUTS_HELP, ON_ERROR, REASONS, CorpusReader, InputError, OnError
 from pretrain import __version__
 from pretrain.fileutil import sha256_file, tmp_name, write_json_atomic
@@ -99,6 +100,8 @@ class TokenizeSettings:
     resume: bool = False  # continue an interrupted run from its completed shards
     overwrite: bool = False  # delete an existing dataset in `output` and start over
     quiet: bool = False  # no progress bar and no summary
+    num_parts: int = 1  # split the job into this many parts (data_prep/parts.py), one per machine...
+    part: int | None = None  # ...and write this one (0-based): a dataset of its own; `data_prep merge` joins them
 
     def __post_init__(self) -> None:
         self.inputs = [os.fspath(p) for p in self.inputs]  # Path objects welcome; expand_inputs globs strings
@@ -119,6 +122,7 @@ class TokenizeSettings:
             raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
+        check_part(self.num_parts, self.part)
 
 
 # ----------------------------------------------------------------------------------------------- split rule
@@ -288,6 +292,7 @@ def prepare_output(out: Path, fingerprint: dict, *, resume: bool, overwrite: boo
             **manifest["settings"],
             "tokenizer_sha256": manifest["tokenizer"]["sha256"],
             "inputs": manifest["inputs"],
+            **({"part": manifest["part"]} if "part" in manifest else {}),
         }
         now = {
             **fingerprint,
@@ -356,23 +361,40 @@ def batches(
     reader, done_docs: dict[str, int], *, val_fraction: float, seed: int, batch_docs: int, batch_bytes: int, stats: dict
 ):
     """Group documents into batches per split, skipping those already in completed shards (resume)."""
-    salt = split_salt(seed)
+    # The main process's per-document work (workers only encode): `is_val` inlined, counts kept in locals and
+    # flushed into `stats` before each yield.
+    salt, limit, blake2b = split_salt(seed), val_fraction * 2**64, hashlib.blake2b
     seen = dict.fromkeys(SPLITS, 0)
+    nbytes = dict.fromkeys(SPLITS, 0)
     batch, n, size = {s: [] for s in SPLITS}, 0, 0
+
+    def flush() -> None:
+        for s in SPLITS:
+            stats[s]["documents"] += seen[s] - counted[s]
+            stats[s]["text_bytes"] += nbytes[s]
+            counted[s], nbytes[s] = seen[s], 0
+
+    counted = dict(seen)
     for doc in reader:
         data = doc.data
-        split = "val" if is_val(data, val_fraction, salt) else "train"
+        # is_val(data, val_fraction, salt), without the call; no hash at all when nothing is held out
+        split = (
+            "val"
+            if limit and int.from_bytes(blake2b(data, digest_size=8, salt=salt).digest(), "little") < limit
+            else "train"
+        )
         seen[split] += 1
-        stats[split]["documents"] += 1
-        stats[split]["text_bytes"] += len(data)
+        nbytes[split] += len(data)
         if seen[split] <= done_docs[split]:
             continue
         batch[split].append(doc.text)
         n += 1
         size += len(data)
         if n >= batch_docs or size >= batch_bytes:
+            flush()
             yield batch
             batch, n, size = {s: [] for s in SPLITS}, 0, 0
+    flush()
     if n:
         yield batch
 
@@ -381,6 +403,9 @@ def run(settings: TokenizeSettings) -> dict:
     """Tokenize `settings.inputs` into `settings.output`; returns the manifest written."""
     t0 = time.perf_counter()
     reader = CorpusReader.from_inputs(settings.inputs, text_field=settings.text_field, on_error=settings.on_error)
+    all_inputs = [{"path": str(p), "bytes": p.stat().st_size} for p in reader.paths]
+    slices = plan(reader.paths, [i["bytes"] for i in all_inputs], settings.num_parts)[settings.part or 0]
+    reader.read_slices(slices)
     paths = reader.paths
     tok = Tokenizer(settings.tokenizer)
     warn_if_encoded_whole(tok.sp, settings.tokenizer)
@@ -396,12 +421,16 @@ def run(settings: TokenizeSettings) -> dict:
         "on_error": settings.on_error,
         "dtype": dtype.name,
     }
-    inputs = [{"path": str(p), "bytes": p.stat().st_size} for p in paths]
+    inputs = [s.describe() for s in slices]
     fingerprint = {
         **recorded,
         "tokenizer_sha256": tokenizer["sha256"],
         "inputs": [{**i, "mtime_ns": p.stat().st_mtime_ns} for i, p in zip(inputs, paths)],
     }
+    part = None
+    if settings.num_parts > 1:  # what `data_prep merge` checks: the same inputs in all parts, each part once
+        part = {"index": settings.part, "of": settings.num_parts, "all_inputs": all_inputs}
+        fingerprint["part"] = part
     lock = lock_output(out)
     try:
         done = prepare_output(out, fingerprint, resume=settings.resume, overwrite=settings.overwrite)
@@ -429,7 +458,7 @@ def run(settings: TokenizeSettings) -> dict:
             for w in writers.values():
                 w.abort()
             raise
-        if sum(stats[s]["documents"] for s in SPLITS) == 0:
+        if sum(stats[s]["documents"] for s in SPLITS) == 0 and part is None:  # a part may hold none
             raise InputError(f"no documents in {len(paths)} input file(s): {', '.join(str(p) for p in paths[:5])}")
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -439,6 +468,7 @@ def run(settings: TokenizeSettings) -> dict:
             "settings": recorded,
             "split_rule": SPLIT_RULE,
             "inputs": inputs,
+            **({"part": part} if part is not None else {}),
             "skipped": {r: reader.skipped.get(r, 0) for r in REASONS},
             "unreadable": reader.unreadable,  # files and directories skipped as unreadable (--on-error=skip)
             "zstd_without_checksum": reader.unchecked,  # .zst inputs whose corruption zstd could not detect
@@ -617,6 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its completed shards")
     g.add_argument("--overwrite", action="store_true", help="delete an existing dataset in --output and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    g = p.add_argument_group("many machines (then: python -m data_prep merge PART_DIR... --output DIR)")
+    g.add_argument(
+        "--num-parts", type=int, default=1, help="split the job into this many parts, one per machine (default: 1)"
+    )
+    g.add_argument("--part", type=int, help="the part to write, 0 to num-parts - 1: a complete dataset of its own")
     return p
 
 

@@ -334,7 +334,9 @@ MANIFEST_SCHEMA = {
         "dtype": DTYPE,
     },
     "split_rule?": STRING,
-    "inputs": [{"path": STRING, "bytes": COUNT}],
+    "inputs": [{"path": STRING, "bytes": COUNT, "start?": COUNT, "end?": COUNT}],  # a byte range: one part's share
+    "part?": {"index": COUNT, "of": POSITIVE, "all_inputs": [{"path": STRING, "bytes": COUNT}]},  # --num-parts
+    "merged?": {"parts": POSITIVE, "part_shards": {str: [COUNT]}},  # data_prep merge: each part's shards per split
     "skipped": {str: COUNT},
     "unreadable?": [STRING],  # inputs skipped as unreadable (--on-error=skip)
     "zstd_without_checksum?": [STRING],  # .zst inputs whose corruption zstd could not detect
@@ -493,9 +495,12 @@ def verify_dataset(directory: str | Path, *, checksums: bool = True) -> list[str
     problems = _manifest_problems(root / MANIFEST, manifest)
     shard_tokens = manifest["settings"]["shard_tokens"]
     for split, shards in manifest_shards(manifest).items():
+        # the last shard of a split may be short; in a merged dataset, the last shard of each part's split too
+        counts = manifest.get("merged", {}).get("part_shards", {}).get(split, [len(shards)])
+        ends = {int(e) - 1 for e in np.cumsum(counts)}
         for i, info in enumerate(shards):
             problems += verify_shard(root, info, manifest, checksums=checksums)
-            if i < len(shards) - 1 and info.tokens < shard_tokens:
+            if i not in ends and i < len(shards) - 1 and info.tokens < shard_tokens:
                 problems.append(
                     f"{root / info.prefix}.bin: {info.tokens:,} tokens, fewer than settings.shard_tokens "
                     f"{shard_tokens:,}, but not the last shard of '{split}'"
@@ -527,6 +532,13 @@ def _manifest_problems(path: Path, manifest: dict) -> list[str]:
             key = f"splits.{split}.shards[{i}]"
             if (first := seen.setdefault(Path(info.prefix).as_posix(), key)) != key:
                 problems.append(f"{path}: {key}.prefix is {info.prefix}, already listed at {first}")
+        if "merged" in manifest:
+            counts = manifest["merged"]["part_shards"].get(split, [])
+            if sum(counts) != len(shards) or len(counts) != manifest["merged"]["parts"]:
+                problems.append(
+                    f"{path}: merged.part_shards.{split} ({counts}) does not account for the {len(shards)} shard(s) "
+                    f"of {manifest['merged']['parts']} part(s)"
+                )
     return problems
 
 
