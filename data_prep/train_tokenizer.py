@@ -6,7 +6,15 @@ unk 0, bos 1, eos 2 (marks the end of a document), pad 3.
 
 The sample is a reservoir of lines (long lines cut at whitespace), so memory is bounded by --sample-lines
 whatever the corpus size; the same seed gives the same sample and the same model.
-Writes <output>.model, <output>.vocab (piece<TAB>score) and <output>.json (the settings and the sample's size).
+
+By default every input is read. --max-read-bytes bounds the bytes read from disk instead: files are taken in an
+order shuffled by --seed and read whole while they fit in what is left of the budget; the file that does not fit is
+read in part: an uncompressed one as random line-aligned byte windows spread over the whole file, a compressed one
+(.gz, .zst: it can only be read from the start) from its start until the budget is spent. The budget is exceeded
+by at most one line (a compressed file: one read block). A budget that covers the whole corpus reads it in the
+usual order, so the sample is the one without a budget.
+Writes <output>.model, <output>.vocab (piece<TAB>score) and <output>.json (the settings and the sample's size,
+and with a budget what was read: "read").
 
 As a library: `train(TokenizerSettings(inputs=["corpus/"], output="tok/sp", vocab_size=8000))`; the CLI
 (`python -m data_prep train-tokenizer`) only turns its arguments into those settings.
@@ -15,19 +23,26 @@ As a library: `train(TokenizerSettings(inputs=["corpus/"], output="tok/sp", voca
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
+import json
 import logging
+import math
 import os
 import random
+import re
 import sys
 import time
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
 import sentencepiece as spm
+import zstandard
 
-from data_prep.readers import INPUTS_HELP, ON_ERROR, CorpusReader, InputError, OnError
+from data_prep.readers import INPUTS_HELP, ON_ERROR, TEXT_SUFFIXES, CorpusReader, InputError, OnError
 from pretrain import __version__
 from pretrain.fileutil import write_bytes_atomic, write_json_atomic
 
@@ -38,6 +53,23 @@ SPECIALS = {"unk": (0, "<unk>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "pad": (
 ROUND_TRIP_PROBE = "  Leading spaces,\ttabs,\r\nCRLF, trailing  \n\n1234567 × 3.14 = ? naïve café 日本語 🙂 \x00\x7f"
 ModelType = Literal["bpe", "unigram"]
 MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
+# --max-read-bytes: a file read in part is read as windows of at most WINDOW_BYTES (sequential I/O that is
+# worth a seek), but at least MIN_WINDOWS of them (so a small budget still sees the whole file).
+WINDOW_BYTES = 1 << 20
+MIN_WINDOWS = 64
+CHUNK = 1 << 20  # decompressed bytes handed over at a time by a compressed file read in part
+# Sizes as the project's other CLIs write them (launch/export.py): GB = 10**9, GiB = 2**30, a bare number is bytes.
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+UNITS["tib"] = 2**40
+
+
+def parse_size(text: str) -> int:
+    """'10GB' -> 10 * 10**9, '2GiB' -> 2 * 2**30; a bare number is bytes (the convention of launch/export.py)."""
+    m = SIZE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 10GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * UNITS[(m.group(2) or "b").lower()])
 
 
 @dataclass
@@ -55,7 +87,8 @@ class TokenizerSettings:
     byte_fallback: bool = True  # False: unknown characters become <unk> (lossy)
     text_field: str = "text"  # JSON field holding the text in .jsonl inputs
     on_error: OnError = "fail"  # bad input: stop, or skip and count it
-    seed: int = 0  # seed of the line sample
+    seed: int = 0  # seed of the line sample, and of the files and windows read under max_read_bytes
+    max_read_bytes: int | None = None  # bytes read from disk at most (a sample of files and windows); None: all
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # sentencepiece trainer threads
     overwrite: bool = False  # replace an existing model with the same prefix
     quiet: bool = False  # no summary line on stdout
@@ -76,6 +109,8 @@ class TokenizerSettings:
             raise ValueError(f"--model-type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {self.on_error!r}")
+        if self.max_read_bytes is not None and (isinstance(self.max_read_bytes, bool) or self.max_read_bytes < 1):
+            raise ValueError(f"--max-read-bytes must be a positive number of bytes, got {self.max_read_bytes!r}")
 
 
 def cut(line: str, max_bytes: int) -> list[str]:
@@ -95,11 +130,16 @@ def cut(line: str, max_bytes: int) -> list[str]:
 
 def sample_lines(reader: CorpusReader, *, k: int, max_bytes: int, seed: int) -> tuple[list[str], int]:
     """A uniform random sample of at most k non-empty lines (reservoir sampling); returns it and the lines seen."""
+    return reservoir((doc.text for doc in reader), k=k, max_bytes=max_bytes, seed=seed)
+
+
+def reservoir(texts: Iterable[str], *, k: int, max_bytes: int, seed: int) -> tuple[list[str], int]:
+    """A uniform random sample of at most k non-empty lines of `texts`; returns it and the lines seen."""
     rng = random.Random(seed)
     sample: list[str] = []
     seen = 0
-    for doc in reader:
-        for line in doc.text.split("\n"):
+    for text in texts:
+        for line in text.split("\n"):
             if not line.strip():
                 continue
             for piece in cut(line, max_bytes):
@@ -113,6 +153,189 @@ def sample_lines(reader: CorpusReader, *, k: int, max_bytes: int, seed: int) -> 
     return sample, seen
 
 
+@dataclass
+class ReadReport:
+    """What a budgeted read read; PREFIX.json records it as "read"."""
+
+    max_read_bytes: int  # the budget
+    bytes_total: int  # on-disk size of all inputs
+    files_total: int
+    bytes_read: int = 0  # bytes read from disk (a compressed file: its compressed bytes)
+    files_read: int = 0  # files touched, whole or in part
+    files_partly_read: int = 0  # files larger than what was left of the budget (at most one, the last)
+    windows_read: int = 0  # byte windows read in uncompressed files read in part
+
+
+def read_with_budget(reader: CorpusReader, report: ReadReport, *, seed: int) -> Iterator[str]:
+    """Texts (documents, or lines of a file read in part) of the reader's files within `report.max_read_bytes`.
+
+    Files come in an order shuffled by `seed` (in the reader's order when the budget covers them all) and are read
+    whole by the reader while they fit in what is left; the first that does not fit is read in part and ends the
+    read. Bad input goes to the reader's policy either way. `report` is updated as the texts are handed over.
+    """
+    rng = random.Random(f"train-tokenizer read {seed}")  # apart from the reservoir's generator
+    paths = list(reader.paths)
+    if report.bytes_total > report.max_read_bytes:
+        rng.shuffle(paths)
+    for path in paths:
+        left = report.max_read_bytes - report.bytes_read
+        if left <= 0:
+            break
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            reader.bad("unreadable", str(path), f"cannot read ({e.strerror})")
+            continue
+        report.files_read += 1
+        if size <= left:
+            yield from _whole_file(reader, path, report)
+            continue
+        report.files_partly_read += 1
+        if path.name.endswith((".gz", ".zst")):
+            lines = _compressed_prefix(reader, path, report, limit=left)
+        else:
+            lines = _windows(reader, path, report, limit=left, rng=rng)
+        for line, where in lines:
+            if (text := _line_text(reader, path, line, where)) is not None:
+                yield text
+        return
+
+
+def _whole_file(reader: CorpusReader, path: Path, report: ReadReport) -> Iterator[str]:
+    """The documents of one file, read by a CorpusReader that counts bad input in `reader`'s counters."""
+    one = CorpusReader([path], text_field=reader.text_field, on_error=reader.on_error)
+    one.skipped, one.unreadable, one.unchecked = reader.skipped, reader.unreadable, reader.unchecked
+    try:
+        for doc in one:
+            yield doc.text
+    finally:
+        report.bytes_read += one.raw_bytes_read
+
+
+def _windows(
+    reader: CorpusReader, path: Path, report: ReadReport, *, limit: int, rng: random.Random
+) -> Iterator[tuple[bytes, str]]:
+    """(line, where) from random line-aligned windows of an uncompressed file until `limit` bytes are read.
+
+    The file is cut into windows of equal size; as many as the limit needs are drawn without replacement and read
+    in the drawn order (so a budget spent early by long lines is not spent on the file's start). A window owns the
+    lines that start inside it: it seeks to its start, skips the rest of the line under way, and reads lines while
+    they start before its end.
+    """
+    size = path.stat().st_size
+    width = max(1, min(WINDOW_BYTES, limit // MIN_WINDOWS))
+    slots = math.ceil(size / width)
+    read = 0
+    try:
+        with open(path, "rb") as f:
+            for slot in rng.sample(range(slots), min(slots, math.ceil(limit / width))):
+                if read >= limit:
+                    break
+                start, end = slot * width, min(size, (slot + 1) * width)
+                report.windows_read += 1
+                if start:
+                    f.seek(start - 1)
+                    skipped = len(f.readline())  # up to and including the newline at or after start - 1
+                    read += skipped
+                    report.bytes_read += skipped
+                while read < limit and (pos := f.tell()) < end:
+                    line = f.readline()
+                    if not line:
+                        break
+                    read += len(line)
+                    report.bytes_read += len(line)
+                    yield line.rstrip(b"\n"), f"{path}: byte {pos}"
+    except OSError as e:
+        reader.bad("unreadable", str(path), f"read error ({e.strerror}); the rest of the file is not read")
+
+
+class _Counted:
+    """A raw file that adds the bytes read from it to a ReadReport."""
+
+    def __init__(self, f, report: ReadReport):
+        self.f, self.report, self.count = f, report, 0
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.count += len(data)
+        self.report.bytes_read += len(data)
+        return data
+
+
+def _compressed_prefix(
+    reader: CorpusReader, path: Path, report: ReadReport, *, limit: int
+) -> Iterator[tuple[bytes, str]]:
+    """(line, where) from the start of a .gz or .zst file until `limit` compressed bytes are read (a line cut by the
+    limit is dropped)."""
+    lineno = 0
+    try:
+        with open(path, "rb") as raw:
+            f = _Counted(raw, report)
+            if path.name.endswith(".gz"):
+                stream = gzip.GzipFile(fileobj=f)
+                read = stream.read1
+            else:
+                stream = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+                read = stream.read
+            with stream:
+                rest = b""
+                while f.count < limit:
+                    if not (chunk := read(CHUNK)):
+                        if rest:
+                            yield rest, f"{path}:{lineno + 1}"
+                        break
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()
+                    for line in lines:
+                        lineno += 1
+                        yield line, f"{path}:{lineno}"
+    except (EOFError, zlib.error, zstandard.ZstdError) as e:
+        reader.bad("truncated_stream", str(path), f"corrupt or truncated data ({e}); the rest of the file is not read")
+    except OSError as e:  # gzip.BadGzipFile is one
+        reader.bad("unreadable", str(path), f"read error ({e}); the rest of the file is not read")
+
+
+def _line_text(reader: CorpusReader, path: Path, line: bytes, where: str) -> str | None:
+    """The text of one line of a file read in part, or None (blank, or bad input under the reader's policy).
+
+    A .txt line is its text; a .jsonl line is checked as CorpusReader checks it when it reads the whole file.
+    """
+    if not line.strip():
+        return None
+    try:
+        decoded = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        reader.bad("invalid_utf8", where, f"invalid UTF-8 at byte {e.start} of the line")
+        return None
+    if path.name.endswith(TEXT_SUFFIXES):
+        return decoded
+    field_name = reader.text_field
+    try:
+        obj = json.loads(decoded)
+    except json.JSONDecodeError as e:
+        reader.bad("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
+        return None
+    if not isinstance(obj, dict):
+        reader.bad("malformed_json", where, f"expected a JSON object, got {type(obj).__name__}")
+        return None
+    if field_name not in obj:
+        reader.bad("missing_field", where, f"no '{field_name}' field (choose it with --text-field)")
+        return None
+    text = obj[field_name]
+    if not isinstance(text, str):
+        reader.bad("bad_field_type", where, f"'{field_name}' is {type(text).__name__}, expected a string")
+        return None
+    if not text:
+        reader.bad("empty_document", where, "empty document")
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        reader.bad("invalid_utf8", where, "the text holds a lone surrogate escape (not valid Unicode)")
+        return None
+    return text
+
+
 def train(settings: TokenizerSettings) -> dict:
     """Sample the inputs, train, write PREFIX.model/.vocab/.json; returns what PREFIX.json records."""
     out = Path(settings.output)
@@ -124,13 +347,20 @@ def train(settings: TokenizerSettings) -> dict:
     reader = CorpusReader.from_inputs(settings.inputs, text_field=settings.text_field, on_error=settings.on_error)
     paths = reader.paths
     t0 = time.perf_counter()
-    sample, seen = sample_lines(reader, k=settings.sample_lines, max_bytes=settings.max_line_bytes, seed=settings.seed)
+    report = None
+    if settings.max_read_bytes is None:
+        texts: Iterable[str] = (doc.text for doc in reader)
+    else:
+        report = ReadReport(settings.max_read_bytes, bytes_total=reader.total_raw_bytes, files_total=len(paths))
+        texts = read_with_budget(reader, report, seed=settings.seed)
+    sample, seen = reservoir(texts, k=settings.sample_lines, max_bytes=settings.max_line_bytes, seed=settings.seed)
     if not sample:
         raise InputError(f"no text in {len(paths)} input file(s)")
     log.info(
-        "sampled %d of %d lines in %.1f s; training %s with vocab %d",
+        "sampled %d of %d lines%s in %.1f s; training %s with vocab %d",
         len(sample),
         seen,
+        f" ({_read_summary(report)})" if report is not None else "",
         time.perf_counter() - t0,
         settings.model_type,
         settings.vocab_size,
@@ -175,20 +405,31 @@ def train(settings: TokenizerSettings) -> dict:
         "skipped": dict(reader.skipped),
         "options": {k: v for k, v in options.items() if k not in ("num_threads", "minloglevel")},
     }
+    if report is not None:
+        record["read"] = asdict(report)  # absent without a budget: that record is what it always was
     write_bytes_atomic(files[".vocab"], vocab.encode("utf-8"))
     write_json_atomic(files[".json"], record)
     write_bytes_atomic(files[".model"], model.getvalue())  # last: the model's presence means all three exist
     if not settings.quiet:
+        read = f" ({_read_summary(report)})" if report is not None else ""
         print(
-            f"vocab {sp.get_piece_size()} ({settings.model_type}), {len(sample):,} of {seen:,} lines, {time.perf_counter() - t0:.1f} s -> {files['.model']}"
+            f"vocab {sp.get_piece_size()} ({settings.model_type}), {len(sample):,} of {seen:,} lines{read}, {time.perf_counter() - t0:.1f} s -> {files['.model']}"
         )
     return record
+
+
+def _read_summary(report: ReadReport) -> str:
+    return (
+        f"read {report.bytes_read:,} of {report.bytes_total:,} bytes, {report.files_read:,} of "
+        f"{report.files_total:,} files, budget {report.max_read_bytes:,}"
+    )
 
 
 EXAMPLES = """
 examples:
   python -m data_prep train-tokenizer corpus/ --output tok/sp --vocab-size 32000
   python -m data_prep train-tokenizer 'dumps/*.jsonl.zst' --text-field content --output tok/web --model-type unigram
+  python -m data_prep train-tokenizer 'web/**/*.jsonl' --max-read-bytes 10GB --output tok/web --seed 1
 """
 
 
@@ -230,7 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--on-error", choices=ON_ERROR, default="fail", help="bad input: stop, or skip and count it (default: fail)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the line sample (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the line sample and of the files read under a budget (default: 0)"
+    )
+    p.add_argument(
+        "--max-read-bytes",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="read at most about SIZE bytes (10GB, 500MB, 2GiB): files in a seeded random order, a file too large "
+        "for what is left as random windows (a compressed one from its start) (default: read everything)",
+    )
     p.add_argument(
         "--threads",
         type=int,
