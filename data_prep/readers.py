@@ -423,35 +423,41 @@ class CorpusReader:
 
     def _jsonl_file(self, path: Path, chunks: Iterator[bytes]) -> Iterator[Document]:
         # Per-line work is the main process's share of a tokenize run (workers only encode): kept minimal.
-        field, decode, prefix = self.text_field, _JSON.decode, f"{path}:"
+        prefix, parse = f"{path}:", self.jsonl_document
         for lineno, line in enumerate(_lines(chunks), start=1):
             if not line or line.isspace():  # as `not line.strip()`, without copying the line
                 continue  # blank lines hold no document
-            where = prefix + str(lineno)
-            try:
-                obj = decode(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                self.bad("invalid_utf8", where, f"invalid UTF-8 at byte {e.start} of the line")
-                continue
-            except json.JSONDecodeError as e:
-                self.bad("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                self.bad("malformed_json", where, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            if field not in obj:
-                self.bad("missing_field", where, f"no '{field}' field (choose it with --text-field)")
-                continue
-            text = obj[field]
-            if not isinstance(text, str):
-                self.bad("bad_field_type", where, f"'{field}' is {type(text).__name__}, expected a string")
-                continue
-            if not text:
-                self.bad("empty_document", where, "empty document")
-                continue
-            try:
-                data = text.encode("utf-8")
-            except UnicodeEncodeError:
-                self.bad("invalid_utf8", where, "the text holds a lone surrogate escape (not valid Unicode)")
-                continue
-            yield Document(text, where, data)
+            doc = parse(line, prefix + str(lineno))
+            if doc is not None:
+                yield doc
+
+    def jsonl_document(self, line: bytes, where: str) -> Document | None:
+        """The document of one JSON line (`where` names it in messages), or None: bad input under the policy."""
+        field = self.text_field
+        try:
+            obj = _JSON.decode(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            self.bad("invalid_utf8", where, f"invalid UTF-8 at byte {e.start} of the line")
+            return None
+        except json.JSONDecodeError as e:
+            self.bad("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
+            return None
+        if not isinstance(obj, dict):
+            self.bad("malformed_json", where, f"expected a JSON object, got {type(obj).__name__}")
+            return None
+        if field not in obj:
+            self.bad("missing_field", where, f"no '{field}' field (choose it with --text-field)")
+            return None
+        text = obj[field]
+        if not isinstance(text, str):
+            self.bad("bad_field_type", where, f"'{field}' is {type(text).__name__}, expected a string")
+            return None
+        if not text:
+            self.bad("empty_document", where, "empty document")
+            return None
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            self.bad("invalid_utf8", where, "the text holds a lone surrogate escape (not valid Unicode)")
+            return None
+        return Document(text, where, data)

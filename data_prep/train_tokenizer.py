@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
-import json
 import logging
 import math
 import os
 import random
-import re
 import sys
 import time
 import zlib
@@ -44,7 +42,7 @@ import zstandard
 
 from data_prep.readers import INPUTS_HELP, ON_ERROR, TEXT_SUFFIXES, CorpusReader, InputError, OnError
 from pretrain import __version__
-from pretrain.fileutil import write_bytes_atomic, write_json_atomic
+from pretrain.fileutil import parse_size, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("data_prep.train_tokenizer")
 
@@ -58,18 +56,6 @@ MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 WINDOW_BYTES = 1 << 20
 MIN_WINDOWS = 64
 CHUNK = 1 << 20  # decompressed bytes handed over at a time by a compressed file read in part
-# Sizes as the project's other CLIs write them (launch/export.py): GB = 10**9, GiB = 2**30, a bare number is bytes.
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-UNITS["tib"] = 2**40
-
-
-def parse_size(text: str) -> int:
-    """'10GB' -> 10 * 10**9, '2GiB' -> 2 * 2**30; a bare number is bytes (the convention of launch/export.py)."""
-    m = SIZE.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 10GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * UNITS[(m.group(2) or "b").lower()])
 
 
 @dataclass
@@ -296,44 +282,18 @@ def _compressed_prefix(
 
 
 def _line_text(reader: CorpusReader, path: Path, line: bytes, where: str) -> str | None:
-    """The text of one line of a file read in part, or None (blank, or bad input under the reader's policy).
-
-    A .txt line is its text; a .jsonl line is checked as CorpusReader checks it when it reads the whole file.
-    """
+    """The text of one line of a file read in part, or None (blank, or bad input under the reader's policy): a
+    .txt line is its text, a .jsonl line is parsed and checked as CorpusReader does when it reads the whole file."""
     if not line.strip():
         return None
+    if not path.name.endswith(TEXT_SUFFIXES):
+        doc = reader.jsonl_document(line, where)
+        return None if doc is None else doc.text
     try:
-        decoded = line.decode("utf-8")
+        return line.decode("utf-8")
     except UnicodeDecodeError as e:
         reader.bad("invalid_utf8", where, f"invalid UTF-8 at byte {e.start} of the line")
         return None
-    if path.name.endswith(TEXT_SUFFIXES):
-        return decoded
-    field_name = reader.text_field
-    try:
-        obj = json.loads(decoded)
-    except json.JSONDecodeError as e:
-        reader.bad("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
-        return None
-    if not isinstance(obj, dict):
-        reader.bad("malformed_json", where, f"expected a JSON object, got {type(obj).__name__}")
-        return None
-    if field_name not in obj:
-        reader.bad("missing_field", where, f"no '{field_name}' field (choose it with --text-field)")
-        return None
-    text = obj[field_name]
-    if not isinstance(text, str):
-        reader.bad("bad_field_type", where, f"'{field_name}' is {type(text).__name__}, expected a string")
-        return None
-    if not text:
-        reader.bad("empty_document", where, "empty document")
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        reader.bad("invalid_utf8", where, "the text holds a lone surrogate escape (not valid Unicode)")
-        return None
-    return text
 
 
 def train(settings: TokenizerSettings) -> dict:

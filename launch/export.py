@@ -18,23 +18,16 @@ names it).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pretrain` is the package, not a script
 
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-UNITS["tib"] = 2**40
 
+def _size():
+    from pretrain.fileutil import parse_size
 
-def parse_size(text: str) -> int:
-    """'5GB' -> 5 * 10**9 (as Hugging Face's max_shard_size: GB = 10**9, GiB = 2**30); a bare number is bytes."""
-    m = SIZE.match(text)
-    if not m or float(m.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * UNITS[(m.group(2) or "b").lower()])
+    return parse_size
 
 
 def cmd_to_hf(args) -> int:
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype (default float32)"
     )
     to.add_argument(
-        "--max-shard-size", type=parse_size, default="5GB", help="largest weights file (default 5GB = 5e9 bytes)"
+        "--max-shard-size", type=_size(), default="5GB", help="largest weights file (default 5GB = 5e9 bytes)"
     )
     to.add_argument("--tokenizer", help="sentencepiece model (default: the run's data.tokenizer)")
     to.add_argument("--overwrite", action="store_true", help="replace an existing --output folder (once complete)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -60,3 +61,19 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+SIZE_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A size as the command lines take it: '5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, a bare number is bytes (as
+    Hugging Face's max_shard_size); argparse.ArgumentTypeError (a usage error) for anything else."""
+    import argparse
+
+    m = SIZE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * SIZE_UNITS[(m.group(2) or "b").lower()])
