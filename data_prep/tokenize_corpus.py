@@ -40,6 +40,7 @@ from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ SPLITS = ("train", "val")
 SPLIT_RULE = "val iff int.from_bytes(blake2b(utf8(text), digest_size=8, salt=seed as 16 bytes LE), 'little') < val_fraction * 2**64"
 EXIT_INTERRUPTED = 130
 PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of at most this many characters
+FIRST_BATCH = 64 << 10  # text bytes of the first batch, and the least of any (see batch_limit)
 
 
 class OutputError(RuntimeError):
@@ -95,7 +97,7 @@ class TokenizeSettings:
     add_bos: bool = False  # prepend the bos id to every document (the eod id is always appended)
     workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # tokenizer processes
     batch_docs: int = 512  # documents per batch sent to a worker...
-    batch_mb: float = 4.0  # ...or this many MB (2**20 bytes) of text, whichever comes first
+    batch_mb: float = 4.0  # ...or at most this many MB (2**20 bytes) of text, whichever comes first (batch_limit)
     on_error: OnError = "fail"  # bad input: stop with an error, or skip and count it
     resume: bool = False  # continue an interrupted run from its completed shards
     overwrite: bool = False  # delete an existing dataset in `output` and start over
@@ -155,21 +157,23 @@ def piecewise_obstacle(proto: sentencepiece_model_pb2.ModelProto) -> str | None:
         return "normalizer_spec.remove_extra_whitespaces is true"
     if norm.precompiled_charsmap or norm.name not in ("identity", ""):
         return f"normalizer_spec.name is {norm.name!r}, not 'identity'"
-    for p in proto.pieces:  # e.g. a user-defined symbol with a space inside
-        if p.type in (_PIECE.NORMAL, _PIECE.USER_DEFINED) and re.search("[^\u2581]\u2581", p.piece):
-            return f"its piece {p.piece!r} spans a word boundary"
+    pieces = proto.pieces
+    # e.g. a user-defined symbol with a space inside; the cheap test first (a model has tens of thousands of pieces)
+    for i, piece in enumerate([p.piece for p in pieces]):
+        if "\u2581" in piece[1:] and pieces[i].type in (_PIECE.NORMAL, _PIECE.USER_DEFINED):
+            if re.search("[^\u2581]\u2581", piece):
+                return f"its piece {piece!r} spans a word boundary"
     return None
 
 
-def warn_if_encoded_whole(sp: spm.SentencePieceProcessor, name: str) -> None:
+def warn_if_encoded_whole(long: LongTextEncoder, name: str) -> None:
     """Log, once per run (the main process calls it), that long documents are encoded whole with this model."""
-    obstacle = piecewise_obstacle(sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto()))
-    if obstacle:
+    if long.obstacle:
         log.warning(
             "%s: %s, so encoding a long document in pieces could change its token ids: documents longer than %d "
             "characters are encoded whole (sentencepiece needs about 40 bytes per character)",
             name,
-            obstacle,
+            long.obstacle,
             PIECE_CHARS,
         )
 
@@ -198,9 +202,15 @@ class LongTextEncoder:
     def __init__(self, sp: spm.SentencePieceProcessor):
         proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
         self.sp, self.dummy = sp, proto.normalizer_spec.add_dummy_prefix
-        self.whole = piecewise_obstacle(proto) is not None  # cuts could change the ids: encode texts whole
+        self.obstacle = piecewise_obstacle(proto)
+        self.whole = self.obstacle is not None  # cuts could change the ids: encode texts whole
+
+    @cached_property
+    def sp_cont(self) -> spm.SentencePieceProcessor:
+        """The model without its dummy prefix, for the text after a cut with no space (made the first time)."""
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
         proto.normalizer_spec.add_dummy_prefix = False
-        self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())  # for text after a cut
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
     def encode(self, text: str, piece_chars: int) -> Iterator[list[int]]:
         """The ids of `text`, a piece at a time."""
@@ -220,37 +230,33 @@ class LongTextEncoder:
         yield sp.encode(text[start:], out_type=int)
 
 
+# What the workers use: set by the main process just before it forks them, so they inherit the loaded model and
+# start at once (no model loaded per worker), and share its memory.
 _worker: dict = {}
 
 
-def _init_worker(model_path: str, dtype: str, add_bos: bool) -> None:
+def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
-    tok = Tokenizer(model_path)
-    _worker.update(
-        sp=tok.sp,
-        long=LongTextEncoder(tok.sp),
-        eod=tok.eod_id,
-        bos=tok.bos_id if add_bos else None,
-        code="H" if dtype == "uint16" else "i",
-    )
 
 
-def encode_batch(batch: dict[str, list[str]]) -> dict[str, tuple[bytes, np.ndarray]]:
-    """Tokenize each split's documents; returns per split the concatenated tokens (with EOD) and the lengths."""
+def encode_batch(batch: dict[str, list[bytes]]) -> dict[str, tuple[bytes, np.ndarray]]:
+    """Tokenize each split's documents (UTF-8 bytes: sentencepiece reads them as they are, and they cross the process
+    boundary as a copy, not re-encoded); returns per split the concatenated tokens (with EOD) and the lengths."""
     sp, long, eod, bos, code = _worker["sp"], _worker["long"], _worker["eod"], _worker["bos"], _worker["code"]
     out = {}
-    for split, texts in batch.items():
-        if not texts:
+    for split, docs in batch.items():
+        if not docs:
             continue
-        # one thread per worker: workers are the parallelism
-        short = iter(sp.encode([t for t in texts if len(t) <= PIECE_CHARS], out_type=int, num_threads=1))
+        # one thread per worker: workers are the parallelism. A document of at most PIECE_CHARS bytes has at most
+        # that many characters; a longer one is decoded and LongTextEncoder decides.
+        short = iter(sp.encode([d for d in docs if len(d) <= PIECE_CHARS], out_type=int, num_threads=1))
         tokens = array(code)
-        lengths = np.empty(len(texts), dtype=np.int32)
-        for i, text in enumerate(texts):
+        lengths = np.empty(len(docs), dtype=np.int32)
+        for i, data in enumerate(docs):
             begin = len(tokens)
             if bos is not None:
                 tokens.append(bos)
-            for ids in [next(short)] if len(text) <= PIECE_CHARS else long.encode(text, PIECE_CHARS):
+            for ids in [next(short)] if len(data) <= PIECE_CHARS else long.encode(data.decode(), PIECE_CHARS):
                 tokens.fromlist(ids)  # fromlist: about twice as fast as extend for a list
             tokens.append(eod)
             lengths[i] = len(tokens) - begin
@@ -357,16 +363,33 @@ def lock_output(out: Path):
 
 
 # ----------------------------------------------------------------------------------------------- the run
+def batch_limit(k: int, remaining: int, batch_bytes: int, workers: int) -> int:
+    """The text bytes after which batch `k` (0-based) closes, with `remaining` raw input bytes still unread: small at
+    first (the workers start at once: FIRST_BATCH, doubling), then `batch_bytes`, and small again toward the end of
+    the input, so that no worker idles while another finishes a big last batch."""
+    return min(batch_bytes, max(FIRST_BATCH, min(FIRST_BATCH << min(k, 32), remaining // (4 * workers))))
+
+
 def batches(
-    reader, done_docs: dict[str, int], *, val_fraction: float, seed: int, batch_docs: int, batch_bytes: int, stats: dict
+    reader,
+    done_docs: dict[str, int],
+    *,
+    val_fraction: float,
+    seed: int,
+    batch_docs: int,
+    batch_bytes: int,
+    workers: int,
+    stats: dict,
 ):
-    """Group documents into batches per split, skipping those already in completed shards (resume)."""
+    """Group documents into batches per split (their UTF-8 bytes), skipping those already in completed shards
+    (resume). Batch sizes follow `batch_limit`; the output never depends on them."""
     # The main process's per-document work (workers only encode): `is_val` inlined, counts kept in locals and
     # flushed into `stats` before each yield.
     salt, limit, blake2b = split_salt(seed), val_fraction * 2**64, hashlib.blake2b
     seen = dict.fromkeys(SPLITS, 0)
     nbytes = dict.fromkeys(SPLITS, 0)
-    batch, n, size = {s: [] for s in SPLITS}, 0, 0
+    batch, n, size, k = {s: [] for s in SPLITS}, 0, 0, 0
+    limit_bytes = batch_limit(0, reader.total_raw_bytes, batch_bytes, workers)
 
     def flush() -> None:
         for s in SPLITS:
@@ -387,13 +410,14 @@ def batches(
         nbytes[split] += len(data)
         if seen[split] <= done_docs[split]:
             continue
-        batch[split].append(doc.text)
+        batch[split].append(data)
         n += 1
         size += len(data)
-        if n >= batch_docs or size >= batch_bytes:
+        if n >= batch_docs or size >= limit_bytes:
             flush()
             yield batch
-            batch, n, size = {s: [] for s in SPLITS}, 0, 0
+            batch, n, size, k = {s: [] for s in SPLITS}, 0, 0, k + 1
+            limit_bytes = batch_limit(k, reader.total_raw_bytes - reader.raw_bytes_read, batch_bytes, workers)
     flush()
     if n:
         yield batch
@@ -408,7 +432,8 @@ def run(settings: TokenizeSettings) -> dict:
     reader.read_slices(slices)
     paths = reader.paths
     tok = Tokenizer(settings.tokenizer)
-    warn_if_encoded_whole(tok.sp, settings.tokenizer)
+    long = LongTextEncoder(tok.sp)
+    warn_if_encoded_whole(long, settings.tokenizer)
     dtype = dtype_for_vocab(tok.vocab_size)
     out = Path(settings.output)
     tokenizer = tok.describe()
@@ -451,7 +476,7 @@ def run(settings: TokenizeSettings) -> dict:
         if any(done.values()):
             log.info("resuming: %s", ", ".join(f"{len(done[s])} {s} shard(s)" for s in SPLITS))
         try:
-            new_tokens = _tokenize(settings, reader, writers, tok, dtype, done, stats)
+            new_tokens = _tokenize(settings, reader, writers, tok, long, dtype, done, stats)
             for w in writers.values():
                 w.finish()
         except BaseException:
@@ -498,10 +523,8 @@ def run(settings: TokenizeSettings) -> dict:
     return manifest
 
 
-def _tokenize(settings: TokenizeSettings, reader, writers, tok, dtype, done, stats) -> int:
+def _tokenize(settings: TokenizeSettings, reader, writers, tok, long, dtype, done, stats) -> int:
     """The parallel part: batches out to the workers, results back in order to the split writers."""
-    from tqdm import tqdm
-
     done_docs = {s: sum(i.documents for i in done[s]) for s in SPLITS}
     gen = batches(
         reader,
@@ -510,26 +533,36 @@ def _tokenize(settings: TokenizeSettings, reader, writers, tok, dtype, done, sta
         seed=settings.split_seed,
         batch_docs=settings.batch_docs,
         batch_bytes=int(settings.batch_mb * 2**20),
+        workers=settings.workers,
         stats=stats,
     )
-    # fork: workers start at once (spawn costs an interpreter and imports each); the pool exists before any
-    # other thread (tqdm's monitor) does.
-    pool = mp.get_context("fork").Pool(
-        settings.workers, initializer=_init_worker, initargs=(str(tok.path), dtype.name, settings.add_bos)
+    # fork: the workers inherit the loaded model (`_worker`) and start at once (spawn costs an interpreter and
+    # imports each); the pool exists before any other thread (tqdm's monitor) does.
+    _worker.update(
+        sp=tok.sp,
+        long=long,
+        eod=tok.eod_id,
+        bos=tok.bos_id if settings.add_bos else None,
+        code="H" if dtype.name == "uint16" else "i",
     )
-    bar = tqdm(
-        total=reader.total_raw_bytes,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=None if not settings.quiet else True,
-        desc="tokenize",
-        mininterval=1.0,
-    )
+    pool = mp.get_context("fork").Pool(settings.workers, initializer=_init_worker)
+    bar = None  # made at the first result: importing tqdm overlaps the workers' first batches
     t0, tokens, docs, shown = time.perf_counter(), 0, 0, 0
 
     def consume(result: dict) -> None:
-        nonlocal tokens, docs, shown
+        nonlocal bar, tokens, docs, shown
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=reader.total_raw_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                disable=None if not settings.quiet else True,
+                desc="tokenize",
+                mininterval=1.0,
+            )
         for split, (data, lengths) in result.items():
             writers[split].add(data, lengths)
             tokens += int(lengths.sum(dtype=np.int64))
@@ -551,7 +584,9 @@ def _tokenize(settings: TokenizeSettings, reader, writers, tok, dtype, done, sta
     finally:
         pool.terminate()
         pool.join()
-        bar.close()
+        if bar is not None:
+            bar.close()
+        _worker.clear()
     return tokens
 
 
@@ -634,7 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-docs", type=int, default=512, help="documents per batch sent to a worker (default: 512)")
     p.add_argument(
-        "--batch-mb", type=float, default=4.0, help="...or this many MB of text, whichever comes first (default: 4)"
+        "--batch-mb",
+        type=float,
+        default=4.0,
+        help="...or at most this many MB of text, whichever comes first; smaller at the start and the end of the input "
+        "(default: 4)",
     )
     p.add_argument(
         "--on-error",

@@ -17,9 +17,11 @@ import zstandard
 
 from data_prep import tokenize_corpus
 from data_prep.tokenize_corpus import (
+    FIRST_BATCH,
     LongTextEncoder,
     OutputError,
     TokenizeSettings,
+    batch_limit,
     build_parser,
     is_val,
     lock_output,
@@ -92,6 +94,15 @@ def test_identical_bytes_for_any_workers_and_batch_size(tmp_path, corpus, tokeni
     assert len([k for k in reference if k.endswith(".bin")]) > 3
     for name, files in results.items():
         assert files == reference, name  # every shard and the manifest, byte for byte
+
+
+def test_batches_are_small_at_the_start_and_the_end_of_the_input():
+    mb, total = 4 << 20, 1 << 30
+    limits = [batch_limit(k, total, mb, 2) for k in range(10)]
+    assert limits == [FIRST_BATCH << k for k in range(7)] + [mb] * 3  # doubling from 64 KiB up to --batch-mb
+    assert batch_limit(50, 16 << 20, mb, 2) == 2 << 20  # a quarter of the rest per worker toward the end...
+    assert batch_limit(50, 1000, mb, 2) == FIRST_BATCH  # ...but not below the first batch's size
+    assert batch_limit(0, total, 1000, 2) == batch_limit(50, 0, 1000, 2) == 1000  # --batch-mb bounds them all
 
 
 def test_split_is_stable(tmp_path, corpus):
@@ -558,7 +569,7 @@ def test_models_whose_settings_break_pieces_encode_long_texts_whole(tiny_lines, 
     assert long.whole == (obstacle is not None)
     long.whole = False  # in pieces anyway: the setting does change the ids
     assert all(joined(long, BREAKING, n) == whole for n in sizes) == (obstacle is None)
-    warn_if_encoded_whole(sp, "tiny.model")
+    warn_if_encoded_whole(long, "tiny.model")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == ([f"tiny.model: {obstacle}, {encoded_whole(1 << 20)}"] if obstacle else [])
 

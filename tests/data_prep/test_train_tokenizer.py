@@ -189,7 +189,9 @@ def test_parse_size_follows_the_project_convention():
 def test_bad_size_on_the_command_line_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_tokenizer.main(["x.txt", "--output", str(tmp_path / "t"), "--max-read-bytes", "10XB"])
-    assert e.value.code == 2 and "argument --max-read-bytes: '10XB' is not a size such as 5GB" in capsys.readouterr().err
+    assert (
+        e.value.code == 2 and "argument --max-read-bytes: '10XB' is not a size such as 5GB" in capsys.readouterr().err
+    )
 
 
 def test_huge_file_is_read_in_windows_from_all_over(huge_jsonl):
