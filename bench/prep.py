@@ -17,9 +17,9 @@ The N-thread ceiling and the pipeline are measured as --repeats pairs, back to b
 each pair gives a ratio of their times: this VM's speed drifts by 10-25% within minutes, which moves two
 measurements taken apart far more than two taken together. The pair whose ratio is the median is reported (the
 lower of the two middle ones for an even count), with every pair's ratio, and the highest peak RSS over all runs.
-The 1-thread ceiling (for reference) and the 400 MB run are done once. Then two targets are checked: the median
-ratio >= 90% of the N-thread ceiling, and peak RSS < 1 GiB and flat. The exit status is 0 whatever the verdict
-(it is a report).
+The 1-thread ceiling (for reference) is measured once, and the 400 MB run once, between two ceiling runs (its
+"vs ceiling" compares it with their mean). Then two targets are checked per corpus: the median ratio >= 90% of
+the N-thread ceiling, and peak RSS < 1 GiB and flat. The exit status is 0 whatever the verdict (it is a report).
 
 Run from the repository root:
     .venv/bin/python bench/prep.py                  # full run (corpora and tokenizer in a temp dir, removed after)
@@ -278,10 +278,11 @@ def machine_lines() -> list[str]:
     ]
 
 
-def table(rows: list[Result], reference: Result) -> str:
+def table(rows: list[tuple[Result, Result]]) -> str:
+    """One line per (result, the ceiling its "vs ceiling" column compares it with)."""
     head = ["run", "input MB", "tokens", "seconds", "M tokens/s", "MB/s", "peak RSS MiB", "vs ceiling"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for r in rows:
+    for r, reference in rows:
         rss = "-" if r.peak_rss is None else f"{r.peak_rss / MIB:,.0f}"
         cells = [
             r.name,
@@ -297,7 +298,7 @@ def table(rows: list[Result], reference: Result) -> str:
     return "\n".join(lines)
 
 
-def verdicts(pairs: list[Pair], large: Result | None) -> list[str]:
+def verdicts(pairs: list[Pair], large_pair: Pair | None) -> list[str]:
     median = median_pair(pairs)
     ceiling, small, ratio = median.ceiling, median.pipeline, median.ratio
     fast = ratio >= TARGET_THROUGHPUT
@@ -306,6 +307,7 @@ def verdicts(pairs: list[Pair], large: Result | None) -> list[str]:
         f"{'PASS' if fast else 'FAIL'}  pipeline >= {TARGET_THROUGHPUT:.0%} of {ceiling.name}: {ratio:.1%} "
         f"(median of {len(pairs)} pairs: {each})"
     ]
+    large = large_pair.pipeline if large_pair else None
     peaks = [r.peak_rss for r in (small, large) if r is not None]
     under = max(peaks) < TARGET_RSS
     detail = f"max {max(peaks) / MIB:,.0f} MiB"
@@ -320,6 +322,8 @@ def verdicts(pairs: list[Pair], large: Result | None) -> list[str]:
     ok = under and flat
     name = f"peak RSS < {TARGET_RSS / GIB:.0f} GiB and flat"
     lines.append(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+    if large_pair is not None:
+        lines.append(f"info  {large.name}: {large_pair.ratio:.1%} of the ceiling measured just before and after it")
     return lines
 
 
@@ -362,9 +366,18 @@ def prepare(work: Path) -> list[Corpus]:
     ]
 
 
-def measure_corpus(args: argparse.Namespace, work: Path, corpus: Corpus) -> tuple[Result | None, list[Pair]]:
+@dataclass
+class Measured:
+    corpus: Corpus
+    reference: Result | None  # the 1-thread ceiling
+    pairs: list[Pair]
+    large: Pair | None = None  # the 400 MB run, with the mean of the ceilings measured just before and after it
+
+
+def measure_corpus(args: argparse.Namespace, work: Path, corpus: Corpus, large: Path | None = None) -> Measured:
     """The 1-thread ceiling once, then --repeats pairs of the --workers-thread ceiling and the pipeline, back to back
-    (the ceiling first in even pairs, the pipeline first in odd ones)."""
+    (the ceiling first in even pairs, the pipeline first in odd ones); then, given `large` (a corpus 10x larger, of
+    the same documents), the pipeline on it between two ceiling runs."""
     texts = load_texts(corpus.path)
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)
     print(
@@ -396,37 +409,45 @@ def measure_corpus(args: argparse.Namespace, work: Path, corpus: Corpus) -> tupl
         print(
             f"warning: the pipeline counted {pairs[0].pipeline.tokens:,} tokens, the ceiling {pairs[0].ceiling.tokens:,}"
         )
-    return reference, pairs
+    measured = Measured(corpus, reference, pairs)
+    if large is not None:
+        print(f"the pipeline on {large.name}, between two ceiling runs ...", flush=True)
+        before = ceiling(args.workers)
+        run = measure_pipeline(f"pipeline {corpus.label} 400 MB", large, corpus.model, work / "out_400MB", args.workers)
+        after = ceiling(args.workers)
+        mean = Result(
+            f"{before.name} (around 400 MB)", text_bytes, before.tokens, (before.seconds + after.seconds) / 2, None
+        )
+        measured.large = Pair(mean, run)
+    return measured
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
     t_start = time.perf_counter()
     corpora = prepare(work)
-    measured = [(c, *measure_corpus(args, work, c)) for c in corpora]
-    large_result = None
+    large = None
     if not args.quick:
         large = work / "corpus_400MB.jsonl"
-        print("writing the 400 MB corpus and running the pipeline on it ...", flush=True)
+        print("writing the 400 MB corpus ...", flush=True)
         write_corpus(large, base_documents(), LARGE_FACTOR * SMALL_BYTES)
-        large_result = measure_pipeline(
-            "pipeline long 400 MB", large, corpora[0].model, work / "out_400MB", args.workers
-        )
+    measured = [measure_corpus(args, work, c, large if c.label == "long" else None) for c in corpora]
     print()
     print("\n".join(machine_lines()))
     print(
         f"workers: {args.workers}, pairs: {args.repeats} (the pair of the median ratio shown; peak RSS = max over runs)"
     )
     print("peak RSS: pipeline = summed RSS of its process tree; ceiling = the bench process after encode")
-    for corpus, reference, pairs in measured:
-        large = large_result if corpus.label == "long" else None
-        median = median_pair(pairs)
-        print(
-            f"\n{corpus.label} documents, tokenizer {corpus.model.name} ({spm.SentencePieceProcessor(model_file=str(corpus.model)).vocab_size()} pieces)\n"
-        )
-        rows = ([reference] if reference else []) + [median.ceiling, median.pipeline]
-        print(table(rows + ([large] if large else []), median.ceiling))
+    for m in measured:
+        median = median_pair(m.pairs)
+        pieces = spm.SentencePieceProcessor(model_file=str(m.corpus.model)).vocab_size()
+        print(f"\n{m.corpus.label} documents, tokenizer {m.corpus.model.name} ({pieces} pieces)\n")
+        rows = [(m.reference, median.ceiling)] if m.reference else []
+        rows += [(median.ceiling, median.ceiling), (median.pipeline, median.ceiling)]
+        if m.large:
+            rows += [(m.large.ceiling, m.large.ceiling), (m.large.pipeline, m.large.ceiling)]
+        print(table(rows))
         print()
-        print("\n".join(verdicts(pairs, large)))
+        print("\n".join(verdicts(m.pairs, m.large)))
     print(f"\nbench took {time.perf_counter() - t_start:.0f} s")
 
 
