@@ -57,7 +57,8 @@ MAPPED_FIELDS = {
     "norm_eps": "rms_norm_eps",
     "tie_embeddings": "tie_word_embeddings",
 }
-TRAINING_ONLY_FIELDS = {"init_std", "activation_checkpointing"}
+# document masking changes nothing for one document, which is what a Llama model is given
+TRAINING_ONLY_FIELDS = {"init_std", "activation_checkpointing", "document_masking", "document_positions", "eod_id"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # as Hugging Face's save_pretrained ("5GB")
 RECORD_KEY = "pretrain_model_config"  # our full ModelConfig, kept in config.json so a round trip is exact

@@ -1,5 +1,6 @@
 """A decoder-only transformer in the Llama family: RMSNorm, rotary position embeddings, grouped-query attention
-(SDPA, causal), SwiGLU feed-forward, pre-norm residual blocks.
+(SDPA, causal), SwiGLU feed-forward, pre-norm residual blocks. With `model.document_masking`, attention in a packed
+window stays inside each document (see `document_mask`).
 
     model = Transformer(cfg.model)          # cfg.model.vocab_size set (the tokenizer's)
     logits = model(tokens)                  # (batch, seq) int64 -> (batch, seq, padded_vocab)
@@ -86,6 +87,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def document_mask(tokens: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask that keeps each document of packed windows to itself, and each token's position in its
+    document: (batch, 1, seq, seq) bool (True: may attend) and (batch, seq) int64.
+
+    A document ends with its EOD token (which belongs to it); the next token begins another. A token attends to the
+    tokens of its own document up to itself, so the logits of a document are those of the document alone (with
+    positions restarted, exactly; without, up to rounding: rotary attention depends on relative positions only).
+    """
+    b, t = tokens.shape
+    ends = tokens == eod_id
+    doc = ends.cumsum(dim=1) - ends.long()  # the number of documents ended before each token
+    idx = torch.arange(t, device=tokens.device)
+    causal = idx[None, :] <= idx[:, None]  # (query, key)
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (batch, query, key)
+    starts = torch.ones_like(ends)
+    starts[:, 1:] = ends[:, :-1]  # a document starts at 0 and after every EOD
+    first = torch.where(starts, idx, 0).cummax(dim=1).values  # where each token's document starts
+    return mask[:, None], idx - first
 
 
 class KVCache:
@@ -183,8 +204,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask` (batch, 1, seq, seq) bool: which keys each query sees (document masking); None: causal."""
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -203,7 +231,7 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # each kv head serves n_heads / n_kv_heads query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (batch, n_heads, seq, head_dim)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (batch, n_heads, seq, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (b, n_heads, seq, hd)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))  # (batch, seq, d_model)
 
     def init_weights(self, init: WeightInit, std: float, out_std: float) -> None:
@@ -238,9 +266,15 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, init: WeightInit, std: float, out_std: float) -> None:
@@ -281,11 +315,17 @@ class Transformer(nn.Module):
         (batch, seq) marks padding (False) in them. `select` (batch,): only the logits at that index of each row,
         (batch, 1, padded_vocab) (the next token's, when generating).
         """
-        t = tokens.shape[1]
+        t, mask = tokens.shape[1], None
         if cache is None:
             if t > self.cfg.seq_len:
                 raise ValueError(f"sequence of {t} tokens is longer than model.seq_len {self.cfg.seq_len}")
             cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+            if self.cfg.document_masking:
+                if self.cfg.eod_id is None:
+                    raise ValueError("model.document_masking needs model.eod_id (set from the tokenizer)")
+                mask, positions = document_mask(tokens, self.cfg.eod_id)
+                if self.cfg.document_positions:
+                    cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         else:
             positions = cache.begin(t, valid)
             if cache.max_position >= self.cfg.seq_len:
@@ -296,9 +336,9 @@ class Transformer(nn.Module):
             if cache is not None:
                 x = layer(x, cos, sin, cache, i)
             elif self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask=mask)
         if select is not None:
             x = x[torch.arange(x.shape[0], device=x.device), select][:, None]  # (batch, 1, d_model)
         return self.output(self.norm(x))  # (batch, seq, padded_vocab)

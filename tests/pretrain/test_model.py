@@ -93,17 +93,75 @@ def test_overfits_one_batch():
     assert loss.item() < 0.05
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    x = torch.randint(0, 1000, (2, 16))
+def assert_checkpointing_gives_the_same_gradients(x: torch.Tensor, **kw) -> None:
     grads = []
     for ckpt in (False, True):
-        m = build(activation_checkpointing=ckpt)
+        m = build(activation_checkpointing=ckpt, **kw)
         F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, rtol=0, atol=0)
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    assert_checkpointing_gives_the_same_gradients(torch.randint(0, 1000, (2, 16)))
+
+
 def test_too_long_input_is_refused():
     with pytest.raises(ValueError, match="longer than model.seq_len 32"):
         build()(torch.zeros(1, 33, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------- document masking
+EOD = 2
+
+
+def packed(docs: list[list[int]]) -> torch.Tensor:
+    """Documents, each ending with EOD, packed into one window (1, seq)."""
+    return torch.tensor([[t for d in docs for t in d + [EOD]]])
+
+
+def random_docs(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_document_mask_and_positions_by_hand():
+    from pretrain.model import document_mask
+
+    tokens = torch.tensor([[5, 6, EOD, 7, EOD, EOD, 8], [EOD, 5, 6, 7, 8, 9, 4]])
+    mask, positions = document_mask(tokens, EOD)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 0], [0, 0, 1, 2, 3, 4, 5]]
+    docs = [[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+    for row in range(2):
+        expect = [[docs[row][k] == docs[row][q] and k <= q for k in range(7)] for q in range(7)]
+        assert mask[row, 0].tolist() == expect
+
+
+@pytest.mark.parametrize("positions", [False, True])
+@pytest.mark.parametrize("n_kv_heads", [1, 4])
+def test_a_document_in_a_packed_window_has_the_logits_it_has_alone(positions, n_kv_heads):
+    m = build(n_kv_heads=n_kv_heads, document_masking=True, document_positions=positions, eod_id=EOD).eval()
+    docs = random_docs([5, 9, 1, 7, 4])  # 5 documents of 6 + 10 + 2 + 8 + 5 = 31 tokens with their EODs
+    with torch.no_grad():
+        window = m(packed(docs))
+        start = 0
+        for d in docs:
+            alone = m(packed([d]))
+            n = len(d) + 1
+            # restarted positions are the document's own: exact up to the order of additions (masked keys add 0)
+            torch.testing.assert_close(window[:, start : start + n], alone, rtol=0, atol=1e-5 if positions else 3e-5)
+            start += n
+        plain = build(n_kv_heads=n_kv_heads).eval()(packed(docs))  # without masking, later documents see earlier ones
+        assert not torch.allclose(plain[:, 6:], window[:, 6:], atol=1e-3)
+        torch.testing.assert_close(plain[:, :6], window[:, :6], rtol=0, atol=1e-5)  # the first one sees nothing else
+
+
+def test_document_masking_with_activation_checkpointing_gives_the_same_gradients():
+    x = packed(random_docs([6, 3, 12, 8]))
+    assert_checkpointing_gives_the_same_gradients(x, document_masking=True, document_positions=True, eod_id=EOD)
+
+
+def test_document_masking_needs_the_eod_id():
+    with pytest.raises(ValueError, match="model.document_masking needs model.eod_id"):
+        build(document_masking=True)(torch.zeros(1, 4, dtype=torch.long))
