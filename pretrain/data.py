@@ -9,9 +9,11 @@
   position (k + 0.5) / w_d and samples are taken in order of position, ties to the lower d. Any prefix of n
   samples then holds n * w_d samples of dataset d to within one, and the assignment of a range of sample numbers
   is computed directly, without materialising an index over the whole run.
-- Step s consumes global samples [s * G, (s + 1) * G); rank r of W takes the contiguous G / W of them and cuts
-  them into micro-batches. Everything is a pure function of (seed, sample number), so a run resumes at any
-  step on any number of ranks and sees exactly the samples it has not seen yet.
+- Step s consumes slots [s * G, (s + 1) * G); rank r of W takes the contiguous G / W of them and cuts them into
+  micro-batches. Slot j holds global sample j, or, with `data.skip_samples` (ranges of global sample numbers), the
+  j-th sample number outside the skipped ranges (`Skips`): the rest of the order is unchanged. Everything is a
+  pure function of (seed, sample number, skips), so a run resumes at any step on any number of ranks and sees
+  exactly the samples it has not seen yet.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class TokenStream:
         sizes = [s.num_tokens for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.num_tokens = int(self.starts[-1])
+        self._doc_starts: list[np.ndarray] | None = None  # made by `documents`
+        self._docs_before: np.ndarray | None = None
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, across shard boundaries."""
@@ -72,6 +76,26 @@ class TokenStream:
         """Where token `position` of the stream lies: its shard file and its place in it."""
         i, offset = self.shard_at(position)
         return f"{shard_file(self.shards[i].prefix, '.bin')}, token {offset:,}"
+
+    def documents(self, start: int, stop: int) -> list[dict]:
+        """The documents that tokens [start, stop) of the stream overlap, in order: `id` (its number in the
+        stream), `shard` (the shard's prefix) and `index` (its number there), `length` in tokens, and `tokens`
+        [a, b): the part of it inside the range, counted from the document's first token."""
+        if self._doc_starts is None:  # per shard: where each document starts in the stream; documents before it
+            self._doc_starts = [int(self.starts[i]) + np.concatenate([[0], np.cumsum(s.sizes[:-1], dtype=np.int64)])
+                                for i, s in enumerate(self.shards)]  # fmt: skip
+            self._docs_before = np.concatenate([[0], np.cumsum([len(s.sizes) for s in self.shards])])
+        out, position = [], start
+        while position < stop:
+            i, _ = self.shard_at(position)
+            starts = self._doc_starts[i]
+            j = int(np.searchsorted(starts, position, side="right")) - 1
+            first, length = int(starts[j]), int(self.shards[i].sizes[j])
+            end = min(first + length, stop)
+            out.append({"id": int(self._docs_before[i]) + j, "shard": str(self.shards[i].prefix), "index": j,
+                        "length": length, "tokens": [position - first, end - first]})  # fmt: skip
+            position = end
+        return out
 
 
 def open_stream(spec: DatasetSpec, split: str, *, tokenizer: dict, key: str) -> TokenStream:
@@ -195,17 +219,80 @@ def blend(weights: np.ndarray, start: int, count: int) -> tuple[np.ndarray, np.n
     return ds[take], kk[take]
 
 
+class Skips:
+    """Ranges [start, stop) of global sample numbers left out of the order (`data.skip_samples`): slot j holds the
+    j-th sample number outside them."""
+
+    def __init__(self, ranges: list[list[int]] | None = None):
+        merged: list[list[int]] = []
+        for start, stop in sorted(tuple(r) for r in ranges or [] if r[0] < r[1]):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        self.ranges = merged
+
+    def number(self, slot: int) -> int:
+        """The global sample number slot `slot` holds."""
+        n = slot
+        for start, stop in self.ranges:
+            if n < start:
+                break
+            n += stop - start
+        return n
+
+    def segments(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The sample numbers of slots [first, last) as contiguous ranges [a, b), in order."""
+        out, n, left = [], self.number(first), last - first
+        for start, stop in self.ranges:
+            if left <= 0:
+                break
+            if stop <= n:
+                continue
+            if n < start:
+                take = min(start - n, left)
+                out.append((n, n + take))
+                left -= take
+            n = max(n, stop)
+        if left > 0:
+            out.append((n, n + left))
+        return out
+
+    def numbers(self, first: int, last: int) -> np.ndarray:
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.segments(first, last)] or [[]])
+
+    def same_until(self, other: Skips, slots: int) -> bool:
+        """Whether slots [0, slots) hold the same sample numbers under both (a run that trained on them may switch)."""
+        if slots <= 0:
+            return True
+        last = self.number(slots - 1)
+        return other.number(slots - 1) == last and self.clip(last) == other.clip(last)
+
+    def clip(self, last: int) -> list[list[int]]:
+        """The ranges as far as they reach sample number `last` (inclusive)."""
+        return [[a, min(b, last + 1)] for a, b in self.ranges if a <= last]
+
+
 class BlendedDataset:
     """Datasets blended by weight; `batch(step, plan, rank)` gives a rank's micro-batches for an optimizer step."""
 
-    def __init__(self, datasets: list[PackedDataset], weights: list[float]):
+    def __init__(self, datasets: list[PackedDataset], weights: list[float], skips: Skips | None = None):
         self.datasets = datasets
         w = np.asarray(weights, dtype=np.float64)
         self.weights = w / w.sum()
+        self.skips = skips or Skips()
+
+    def locate(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """(global sample number, dataset number, the dataset's sample number) of slots [first, last)."""
+        out = []
+        for a, b in self.skips.segments(first, last):
+            ds, ks = blend(self.weights, a, b - a)
+            out += [(a + i, int(d), int(k)) for i, (d, k) in enumerate(zip(ds, ks))]
+        return out
 
     def samples(self, start: int, stop: int) -> np.ndarray:
-        ds, ks = blend(self.weights, start, stop - start)
-        return np.stack([self.datasets[d].sample(int(k)) for d, k in zip(ds, ks)])
+        """The samples of slots [start, stop): (stop - start, seq_len + 1) int64."""
+        return np.stack([self.datasets[d].sample(k) for _, d, k in self.locate(start, stop)])
 
     def batch(self, step: int, plan: BatchPlan, rank: int) -> list[np.ndarray]:
         """(micro_batch, seq_len + 1) int64 arrays, plan.grad_accum of them."""
@@ -236,7 +323,14 @@ def fingerprint(specs: list[DatasetSpec], *, seq_len: int, seed: int) -> dict:
 
 
 def build_dataset(
-    specs: list[DatasetSpec], split: str, *, seq_len: int, seed: int, tokenizer: dict, key: str
+    specs: list[DatasetSpec],
+    split: str,
+    *,
+    seq_len: int,
+    seed: int,
+    tokenizer: dict,
+    key: str,
+    skip_samples: list[list[int]] | None = None,
 ) -> BlendedDataset:
     datasets = []
     for i, spec in enumerate(specs):
@@ -250,4 +344,4 @@ def build_dataset(
             datasets[-1].num_samples,
             seq_len,
         )
-    return BlendedDataset(datasets, [s.weight for s in specs])
+    return BlendedDataset(datasets, [s.weight for s in specs], Skips(skip_samples))

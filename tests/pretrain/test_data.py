@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pretrain.config import BatchPlan, ConfigError, DatasetSpec, TrainConfig
-from pretrain.data import BlendedDataset, DataError, PackedDataset, TokenStream, blend, build_dataset
+from pretrain.data import BlendedDataset, DataError, PackedDataset, Skips, TokenStream, blend, build_dataset
 from pretrain.shards import ShardWriter
 
 
@@ -47,6 +47,44 @@ def test_packing_windows_and_epoch_reshuffle(stream):
     assert [again.window_of(k) for k in range(10)] == epoch0 + epoch1  # a pure function of (seed, k)
     other = PackedDataset(stream, seq_len=8, seed=1, index=0)
     assert [other.window_of(k) for k in range(10)] != epoch0 + epoch1
+
+
+def test_documents_of_a_token_range(stream):
+    # documents of 10, 5 | 7 | 20, 3, 2 tokens: ids 0-5 in order, starting at tokens 0, 10, 15, 22, 42, 45
+    docs = stream.documents(8, 44)
+    assert [(d["id"], Path(d["shard"]).name, d["index"], d["length"], d["tokens"]) for d in docs] == [
+        (0, "s0", 0, 10, [8, 10]),
+        (1, "s0", 1, 5, [0, 5]),
+        (2, "s1", 0, 7, [0, 7]),
+        (3, "s2", 0, 20, [0, 20]),
+        (4, "s2", 1, 3, [0, 2]),
+    ]
+    assert [d["tokens"] for d in stream.documents(45, 47)] == [[0, 2]]
+
+
+def test_skipped_samples_leave_the_rest_of_the_order_unchanged():
+    skips = Skips([[5, 8], [10, 12], [7, 9], [20, 20]])  # overlapping ranges merge; an empty one is nothing
+    assert skips.ranges == [[5, 9], [10, 12]]
+    kept = [n for n in range(40) if not (5 <= n < 9 or 10 <= n < 12)]
+    assert [skips.number(j) for j in range(30)] == kept[:30]
+    for first in range(0, 12):
+        for last in range(first, 20):
+            assert skips.numbers(first, last).tolist() == kept[first:last], (first, last)
+    assert Skips().numbers(3, 7).tolist() == [3, 4, 5, 6]
+    # a run that trained on 5 slots (samples 0-4) may add skips from sample 5 on, not before
+    none = Skips()
+    assert none.same_until(Skips([[5, 9]]), 5) and not none.same_until(Skips([[4, 9]]), 5)
+    assert skips.same_until(Skips([[5, 9], [10, 12], [30, 31]]), 7)  # slots 0-6: samples 0-4, 9, 12
+    assert not skips.same_until(Skips([[5, 9]]), 7)  # slot 6 would be sample 10
+    assert Skips([[0, 3]]).same_until(Skips(), 0)  # nothing trained yet: anything goes
+
+
+def test_blended_dataset_with_skips_gives_the_samples_without_them(stream):
+    ds = PackedDataset(stream, seq_len=4, seed=0, index=0)  # 11 windows
+    plain, skipping = BlendedDataset([ds], [1.0]), BlendedDataset([ds], [1.0], Skips([[2, 5]]))
+    expect = np.concatenate([plain.samples(0, 2), plain.samples(5, 9)])
+    assert np.array_equal(skipping.samples(0, 6), expect)
+    assert [n for n, _, _ in skipping.locate(0, 6)] == [0, 1, 5, 6, 7, 8]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
