@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -76,6 +77,40 @@ class Metrics:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class LossWatch:
+    """Flags loss spikes: a loss above the running mean by `threshold` running standard deviations. The mean and
+    variance are exponential averages over about `window` steps; spikes do not enter them, and nothing is flagged
+    before `window // 10` (at least 5) steps have been seen."""
+
+    def __init__(self, window: int, threshold: float):
+        self.alpha, self.threshold = 2.0 / (window + 1), threshold
+        self.warmup = max(window // 10, 5)
+        self.mean = self.var = 0.0
+        self.seen = 0
+
+    def z(self, loss: float) -> float | None:
+        """How many running standard deviations `loss` is above the running mean (None while warming up)."""
+        if self.seen < self.warmup or self.var <= 0:
+            return None
+        return (loss - self.mean) / self.var**0.5
+
+    def update(self, loss: float) -> bool:
+        """Take one step's loss; True when it is a spike (then left out of the statistic)."""
+        if not math.isfinite(loss):
+            return False  # the non-finite step check handles it
+        z = self.z(loss)
+        if z is not None and z > self.threshold:
+            return True
+        if self.seen == 0:
+            self.mean = loss
+        else:  # exponentially weighted mean and variance (West's incremental form)
+            delta = loss - self.mean
+            self.mean += self.alpha * delta
+            self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
+        self.seen += 1
+        return False
 
 
 def throughput(
