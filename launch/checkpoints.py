@@ -5,6 +5,7 @@
     python launch/checkpoints.py consolidate runs/demo --output model.pt [--tag step_00000300]
     python launch/checkpoints.py universal runs/demo [--tag step_00000300]
     python launch/checkpoints.py set-aside runs/demo                  # start the run directory over
+    python launch/checkpoints.py rewind runs/demo --to step_00001000  # go back to a checkpoint (e.g. a loss spike)
 
 `consolidate` writes the model's full fp32 state dict (one file, torch.save; DeepSpeed's zero_to_fp32 for ZeRO
 checkpoints) from the newest valid checkpoint or --tag, for export and evaluation. `universal` converts a ZeRO
@@ -12,7 +13,9 @@ checkpoint to DeepSpeed's universal format next to it (<tag>.universal/); resumi
 this by itself. Both refuse a checkpoint holding a pickle that would call anything our saves do not contain.
 `set-aside` moves a run's checkpoints, metrics.jsonl, TensorBoard logs, config.yaml and ds_config.json to
 <run_dir>/previous/<UTC time>/ (renames: nothing is copied or deleted), so that the next run starts from step 0;
-it holds the run directory's lock while it does (refused, status 5, while a job runs there).
+it holds the run directory's lock while it does (refused, status 5, while a job runs there). `rewind` moves the
+checkpoints after --to to <run_dir>/previous/<UTC time>/checkpoints/ (renames) and points `latest` at --to, so the
+next attempt resumes there (add `data.skip_samples` to leave out what made a spike); same lock.
 Exit status: 0 done (`list`: every checkpoint valid); 1 an error, or `list` found no checkpoint, an invalid one or
 a `latest` that names none.
 """
@@ -108,25 +111,50 @@ def cmd_universal(args) -> int:
     return 0
 
 
-def cmd_set_aside(args) -> int:
-    from pretrain.build import set_aside
+def locked(args, work, failed: str):
+    """`work(run_dir)` holding the run directory's lock: (its result, None), or (None, the exit status) after
+    printing why it could not run (`failed` prefixes an OSError's message)."""
+    from pretrain.checkpoint import CheckpointError
     from pretrain.errors import RunDirBusy, exit_code
     from pretrain.job import RunLock
 
     run_dir = Path(args.run)
     if not run_dir.is_dir():
         print(f"error: {run_dir}: no such run directory", file=sys.stderr)
-        return 1
+        return None, 1
     try:
         with RunLock(run_dir, stale_after=args.lock_stale_seconds):
-            moved = set_aside(run_dir)
+            return work(run_dir), None
     except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
-        return exit_code(e)
+        return None, exit_code(e)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 1
     except OSError as e:
-        print(f"error: {run_dir}: could not move the earlier run aside: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {run_dir}: {failed}: {e}", file=sys.stderr)
+        return None, 1
+
+
+def cmd_set_aside(args) -> int:
+    from pretrain.build import set_aside
+
+    moved, status = locked(args, set_aside, "could not move the earlier run aside")
+    if status is not None:
+        return status
+    run_dir = args.run
     print(f"{run_dir}: nothing to set aside" if moved is None else f"{run_dir}: the earlier run is now in {moved}")
+    return 0
+
+
+def cmd_rewind(args) -> int:
+    from pretrain.build import rewind
+
+    result, status = locked(args, lambda run_dir: rewind(run_dir, args.to), "could not rewind")
+    if status is not None:
+        return status
+    dest, moved = result
+    print(f"{args.run}: resumes from {args.to}" + (f"; {', '.join(moved)} moved to {dest}" if moved else ""))
     return 0
 
 
@@ -150,8 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument(
         "--lock-stale-seconds", type=float, default=300, help="as train.lock_stale_seconds of the run (default 300)"
     )
+    rw = sub.add_parser("rewind", help="go back to a checkpoint: later ones move to <run_dir>/previous/<time>/")
+    rw.add_argument("run", help="run directory")
+    rw.add_argument("--to", required=True, help="the checkpoint tag to resume from (e.g. step_00001000)")
+    rw.add_argument(
+        "--lock-stale-seconds", type=float, default=300, help="as train.lock_stale_seconds of the run (default 300)"
+    )
     args = p.parse_args(argv)
     commands = {
+        "rewind": cmd_rewind,
         "list": cmd_list,
         "consolidate": cmd_consolidate,
         "universal": cmd_universal,

@@ -23,7 +23,17 @@ from pathlib import Path
 import torch
 
 from pretrain.attempt import Attempt
-from pretrain.checkpoint import CHECKPOINTS, CheckpointManager, CheckpointMeta
+from pretrain.checkpoint import (
+    CHECKPOINTS,
+    LATEST,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointMeta,
+    list_checkpoints,
+    step_of,
+    universal_tag,
+    validate,
+)
 from pretrain.config import BatchPlan, ConfigError, DataConfig, RunConfig, to_dict, to_yaml
 from pretrain.data import BlendedDataset, build_dataset, fingerprint
 from pretrain.distributed import World, init_distributed, launch_rank, leave_distributed
@@ -33,6 +43,7 @@ from pretrain.evaluate import TokenBytes
 from pretrain.fileutil import fsync_dir, write_bytes_atomic, write_json_atomic
 from pretrain.job import LauncherWatch, StopRequest, detect_launcher, hold_run_dir
 from pretrain.metrics import JSONL, TENSORBOARD, Metrics
+from pretrain.profiler import StepProfiler
 from pretrain.tokenizer import Tokenizer
 from pretrain.trainer import Trainer
 
@@ -53,6 +64,10 @@ def resolve(cfg: RunConfig, tokenizer: Tokenizer) -> RunConfig:
         m = dataclasses.replace(m, vocab_size=tokenizer.vocab_size)
     elif m.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if m.document_masking and m.eod_id is None:  # only then: a run without it records none, as before
+        m = dataclasses.replace(m, eod_id=tokenizer.eod_id)
+    elif m.document_masking and m.eod_id != tokenizer.eod_id:
+        raise ConfigError(f"model.eod_id: {m.eod_id} is not the tokenizer's end-of-document id {tokenizer.eod_id}")
     return dataclasses.replace(cfg, model=m)
 
 
@@ -69,17 +84,47 @@ def set_aside(run_dir: Path) -> Path | None:
     present = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not present:
         return None
+    dest = _previous(run_dir)
+    for path in present:
+        os.replace(path, dest / path.name)
+    fsync_dir(dest)
+    fsync_dir(run_dir)
+    return dest
+
+
+def _previous(run_dir: Path) -> Path:
+    """A new folder <run_dir>/previous/<UTC time>[-n]/."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest, n = run_dir / PREVIOUS / stamp, 1
     while dest.exists():
         n += 1
         dest = run_dir / PREVIOUS / f"{stamp}-{n}"
     dest.mkdir(parents=True)
-    for path in present:
-        os.replace(path, dest / path.name)
-    fsync_dir(dest)
-    fsync_dir(run_dir)
     return dest
+
+
+def rewind(run_dir: Path, tag: str) -> tuple[Path | None, list[str]]:
+    """Go back to checkpoint `tag` of the run: move every checkpoint after it (with its universal conversion) to
+    <run_dir>/previous/<UTC time>/checkpoints/ (renames: nothing is deleted) and point `latest` at `tag`, so that the
+    next attempt resumes from it (with `data.skip_samples`, say). Returns (where they went, their tags). The caller
+    holds the run directory's lock (`launch/checkpoints.py rewind`)."""
+    ckpt_dir = run_dir / CHECKPOINTS
+    problem = validate(ckpt_dir, tag)
+    if problem:
+        raise CheckpointError(f"cannot rewind to it: {problem}")
+    later = sorted(c.tag for c in list_checkpoints(ckpt_dir) if c.step > step_of(tag))
+    dest = None
+    if later:
+        dest = _previous(run_dir) / CHECKPOINTS
+        dest.mkdir()
+        for t in later:
+            for path in (ckpt_dir / t, ckpt_dir / universal_tag(t)):
+                if path.exists():
+                    os.replace(path, dest / path.name)
+        fsync_dir(dest)
+    write_bytes_atomic(ckpt_dir / LATEST, tag.encode())
+    fsync_dir(ckpt_dir)
+    return dest, later
 
 
 def open_attempt(run_dir: Path) -> Attempt:
@@ -173,8 +218,9 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
     tok = tokenizer.describe()
     plan = BatchPlan.resolve(t, seq_len=cfg.model.seq_len, world_size=world.size)
     train_data = build_dataset(
-        cfg.data.datasets, "train", seq_len=plan.seq_len, seed=cfg.data.seed, tokenizer=tok, key="data.datasets"
-    )
+        cfg.data.datasets, "train", seq_len=plan.seq_len, seed=cfg.data.seed, tokenizer=tok, key="data.datasets",
+        skip_samples=cfg.data.skip_samples,
+    )  # fmt: skip
     val_data, eval_batches = None, 0
     if t.eval_every:
         val_data, eval_batches = validation_data(cfg.data, plan, tokenizer=tok, wanted=t.eval_batches)
@@ -216,6 +262,10 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         f"{plan.grad_accum} | peak {peak_flops / 1e12:.3f} TFLOP/s per device ({peak_source})"
         + (f" | launched by {launcher.name}" if launcher else "")
     )
+    profiler = None
+    if t.profile_steps and world.rank in t.profile_ranks:
+        profiler = StepProfiler(run_dir, *t.profile_steps, rank=world.rank)
+        stack.callback(profiler.close)  # a run that stops inside the window still writes its trace
     return Trainer(
         engine=engine,
         data=train_data,
@@ -235,5 +285,6 @@ def _build(cfg: RunConfig, world: World, launcher, stack: contextlib.ExitStack, 
         val_data=val_data,
         eval_batches=eval_batches,
         token_bytes=TokenBytes(tokenizer) if val_data is not None else None,
+        profiler=profiler,
         resources=stack,
     )

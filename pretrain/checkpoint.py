@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pretrain.config import CheckpointConfig
+from pretrain.config import CheckpointConfig, ModelConfig
+from pretrain.data import Skips
 from pretrain.distributed import World
 from pretrain.errors import BadInput
 from pretrain.fileutil import fsync_dir, stays_inside, write_bytes_atomic, write_json_atomic
@@ -529,7 +530,8 @@ class CheckpointManager:
 
     def check(self, where: Path, meta: CheckpointMeta) -> None:
         """Refuse a checkpoint this run cannot continue, naming the difference."""
-        old_model, new_model = dict(meta.config["model"]), dict(self.run.config["model"])
+        defaults = dataclasses.asdict(ModelConfig())  # keys added since the checkpoint was saved have their default
+        old_model, new_model = {**defaults, **meta.config["model"]}, {**defaults, **self.run.config["model"]}
         for key in ("activation_checkpointing",):  # may change between attempts
             old_model.pop(key, None)
             new_model.pop(key, None)
@@ -540,6 +542,15 @@ class CheckpointManager:
         ]
         if diff:
             raise CheckpointError(f"{where}: the model differs from the checkpoint's: {'; '.join(diff)}")
+        old_skips = Skips(meta.config.get("data", {}).get("skip_samples"))
+        new_skips = Skips(self.run.config.get("data", {}).get("skip_samples"))
+        if not old_skips.same_until(new_skips, meta.consumed_samples):
+            last = old_skips.number(meta.consumed_samples - 1)
+            raise CheckpointError(
+                f"{where}: data.skip_samples {new_skips.ranges} changes samples this run already trained on (up to "
+                f"global sample {last}, {meta.consumed_samples} samples by step {meta.step}; its skips were "
+                f"{old_skips.ranges}): only samples after {last} can be skipped from here"
+            )
         if meta.global_batch != self.run.global_batch:
             raise CheckpointError(
                 f"{where}: trained with a global batch of {meta.global_batch} sequences, this run has "

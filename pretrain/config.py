@@ -43,6 +43,10 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the input embedding with the output head
     init_std: float = 0.02  # std of weights; residual output projections use init_std / sqrt(2 * n_layers)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    # attention stays inside each document of a packed window: a token never attends past an end-of-document token
+    document_masking: bool = False
+    document_positions: bool = False  # with document_masking: rotary positions restart at 0 in every document
+    eod_id: int | None = None  # the end-of-document id document_masking looks for; None: the tokenizer's
 
 
 @dataclass
@@ -57,6 +61,9 @@ class DataConfig:
     tokenizer: str = ""  # the sentencepiece .model the shards were made with (checked against their manifests)
     seed: int = 1234  # the data order is a pure function of (seed, sample number)
     val_datasets: list[DatasetSpec] | None = None  # None: the val split of each dataset directory
+    # global sample numbers left out of training, as [start, stop) ranges (launch/inspect_step.py names them); the
+    # rest of the order is unchanged. A resumed run may add ranges beyond the samples it has trained on.
+    skip_samples: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +80,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    # z-loss: this coefficient times the mean squared log of the softmax normaliser (logsumexp of the logits) is
+    # added to the loss, keeping the output logits from drifting (PaLM uses 1e-4); 0: off
+    z_loss: float = 0.0
 
 
 @dataclass
@@ -93,12 +103,24 @@ class TrainConfig:
     eval_batches: int = 20  # global batches of the validation set per evaluation
     peak_flops_per_device: float | None = None  # for MFU; None: known GPUs by name, on CPU a matmul measured at start
     threads: int | None = None  # torch intra-op threads per process; None: torch's default
+    # torch.compile the model (through DeepSpeed's engine.compile; the first steps are slower while it compiles;
+    # on a CPU it needs a C++ compiler)
+    compile: bool = False
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # finish the step, save, exit 3
     stop_grace_seconds: float = 120.0  # after a stop signal, exit (saved or not) within this many seconds
     max_wall_time: float | None = None  # seconds: save and exit 3 before the run has been going this long
     stop_at_step: int | None = None  # save and exit 3 after this step, as if preempted (split a run into jobs)
     max_bad_steps: int = 5  # consecutive steps with non-finite loss/gradients (each skipped) before the run stops
     orphan_grace_seconds: float = 30.0  # launcher gone: save first if a step and a save fit in this, else exit now
+    # a step whose loss is above the running mean by this many running standard deviations is logged as a spike,
+    # with the global samples it trained on (launch/inspect_step.py shows them); 0: off (a step's loss is then not
+    # averaged over the ranks at steps that do not log)
+    spike_threshold: float = 6.0
+    spike_window: int = 100  # steps the running mean and variance of the loss reach back (exponential averages)
+    # [first, last]: run torch.profiler over these steps (as logged) and write a trace to run_dir/tensorboard/profile
+    # (pretrain/profiler.py); None: off
+    profile_steps: list[int] | None = None
+    profile_ranks: list[int] = field(default_factory=lambda: [0])  # the ranks that profile
     lock_stale_seconds: float = 300.0  # a run directory lock held from another host without heartbeat for this long
     # is taken over (on the same host a dead holder is seen at once)
 
@@ -148,6 +170,9 @@ CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.seq_len": POSITIVE,
     "model.pad_vocab_multiple": POSITIVE,
     "model.init_std": POSITIVE,
+    "optim.z_loss": NON_NEGATIVE,
+    "train.spike_threshold": NON_NEGATIVE,
+    "train.spike_window": POSITIVE,
     "optim.lr": POSITIVE,
     "optim.min_lr": NON_NEGATIVE,
     "optim.warmup_steps": NON_NEGATIVE,
@@ -305,6 +330,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.n_heads: {m.n_heads} does not divide model.d_model {m.d_model}")
     if (m.d_model // m.n_heads) % 2:
         raise ConfigError(f"model.n_heads: head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
+    if m.document_positions and not m.document_masking:
+        raise ConfigError("model.document_positions: needs model.document_masking (positions restart per document)")
     kv = m.n_kv_heads or m.n_heads
     if kv <= 0 or m.n_heads % kv:
         raise ConfigError(f"model.n_kv_heads: {kv} must divide model.n_heads {m.n_heads}")
@@ -318,6 +345,12 @@ def validate(cfg: RunConfig) -> None:
         )
     if not cfg.data.datasets:
         raise ConfigError("data.datasets: no dataset given")
+    p = t.profile_steps
+    if p is not None and (len(p) != 2 or not 1 <= p[0] <= p[1]):
+        raise ConfigError(f"train.profile_steps: {p} is not [first, last] with 1 <= first <= last")
+    for i, r in enumerate(cfg.data.skip_samples):
+        if len(r) != 2 or not 0 <= r[0] < r[1]:
+            raise ConfigError(f"data.skip_samples[{i}]: {r} is not a range [start, stop) with 0 <= start < stop")
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer: no tokenizer given")
     for key in ("datasets", "val_datasets"):

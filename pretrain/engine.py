@@ -222,9 +222,10 @@ def tune_cpu_allocator() -> bool:
 # ----------------------------------------------------------------------------------------------- engine
 @dataclass
 class StepStats:
-    loss: torch.Tensor  # mean loss over this rank's micro-batches (not reduced across ranks)
+    loss: torch.Tensor  # mean cross-entropy over this rank's micro-batches (not reduced across ranks)
     grad_norm: float | None  # global gradient norm before clipping (inf or nan: the update was skipped)
     applied: bool  # False: non-finite gradients, the weights and the optimizer state were left as they were
+    z_loss: torch.Tensor | None = None  # the mean z-loss term (optim.z_loss), when on; not reduced across ranks
 
 
 class Engine:
@@ -240,6 +241,7 @@ class Engine:
         self.optim_cfg = optim
         self.zero_stage = zero_stage(self.ds_config)
         self.manual_clip = manual_clipping(self.zero_stage, self.precision)
+        self.compile = train.compile
         self.ds = None
 
     def build(
@@ -268,6 +270,8 @@ class Engine:
             model=model, model_parameters=groups, config=self.ds_config
         )
         self.device = self.ds.device
+        if self.compile:  # DeepSpeed's own: torch.compile of the module, its hooks left in place
+            self.ds.compile()
         assert self.ds.zero_optimization_stage() == self.zero_stage
         assert self.ds.gradient_accumulation_steps() == self.plan.grad_accum
         if weights is not None and self.precision != "fp32":
@@ -315,10 +319,14 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _loss(self, batch) -> torch.Tensor:
+    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cross-entropy of a micro-batch, and the z-loss term (optim.z_loss) when it is on."""
         tokens = torch.as_tensor(batch, device=self.device)
-        logits = self.ds(tokens[:, :-1])  # (micro, seq, vocab)
-        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        logits = self.ds(tokens[:, :-1]).flatten(0, 1).float()  # (micro * seq, vocab)
+        ce = F.cross_entropy(logits, tokens[:, 1:].flatten())
+        if not self.optim_cfg.z_loss:
+            return ce, None
+        return ce, self.optim_cfg.z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
 
     def train_step(self, micro_batches: list, lr: float) -> StepStats:
         if len(micro_batches) != self.plan.grad_accum:
@@ -326,10 +334,11 @@ class Engine:
         self.set_lr(lr)
         self.ds.train()
         total = torch.zeros((), device=self.device)
+        z_total = torch.zeros((), device=self.device) if self.optim_cfg.z_loss else None
         grad_norm = None
         for batch in micro_batches:
-            loss = self._loss(batch)
-            self.ds.backward(loss)
+            loss, z = self._loss(batch)
+            self.ds.backward(loss if z is None else loss + z)
             if self.manual_clip and self.ds.is_gradient_accumulation_boundary():
                 # gradients are averaged across ranks by now; clip_grad_norm_ returns the norm before clipping
                 clip = self.optim_cfg.grad_clip
@@ -340,12 +349,15 @@ class Engine:
                         p.grad = None
             self.ds.step()
             total += loss.detach()
+            if z is not None:
+                z_total += z.detach()
         if not self.manual_clip:
             # ZeRO skips the update itself when the norm is not finite (and reports inf)
             norm = self.ds.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else None
         applied = grad_norm is None or math.isfinite(grad_norm)
-        return StepStats(loss=total / len(micro_batches), grad_norm=grad_norm, applied=applied)
+        z_mean = z_total / len(micro_batches) if z_total is not None else None
+        return StepStats(loss=total / len(micro_batches), grad_norm=grad_norm, applied=applied, z_loss=z_mean)
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -353,6 +365,12 @@ class Engine:
         go to the model's forward (a KV cache when generating)."""
         self.ds.eval()
         return self.ds(torch.as_tensor(tokens).to(self.device), **kwargs)
+
+    def state_bytes(self) -> dict[str, int]:
+        """The model-state bytes this rank holds (pretrain/plan.py `held_state_bytes`)."""
+        from pretrain.plan import held_state_bytes
+
+        return held_state_bytes(self.ds.module, self.optimizer)
 
     def mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().clone().float()

@@ -25,7 +25,8 @@ from pretrain.engine import Engine, lr_at
 from pretrain.errors import EXIT_FAILED, LauncherGone, NonFinite, Stopped
 from pretrain.evaluate import Evaluator, TokenBytes
 from pretrain.job import StopRequest
-from pretrain.metrics import Metrics, memory_gib, throughput
+from pretrain.metrics import LossWatch, Metrics, memory_gib, throughput
+from pretrain.profiler import StepProfiler
 
 log = logging.getLogger("pretrain")
 
@@ -62,6 +63,7 @@ class Trainer:
     val_data: BlendedDataset | None = None
     eval_batches: int = 0
     token_bytes: TokenBytes | None = None  # the bytes each token stands for (eval/bpb); None: no eval/bpb
+    profiler: StepProfiler | None = None  # train.profile_steps on this rank
     resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # what close() releases
 
     def __post_init__(self):
@@ -70,6 +72,9 @@ class Trainer:
         self.step_seconds = 0.0
         self.save_seconds: float | None = None  # the last save's duration
         self.window_start, self.window_steps = time.perf_counter(), 0  # throughput since the last log line
+        self.spikes = (
+            LossWatch(self.train.spike_window, self.train.spike_threshold) if self.train.spike_threshold else None
+        )
 
     def fit(self) -> dict:
         """Train until max_steps / max_tokens, saving as configured; returns the last logged scalars.
@@ -81,14 +86,21 @@ class Trainer:
         while step < self.total_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, self.optim, self.total_steps)
+            if self.profiler:
+                self.profiler.begin(step + 1)
             stats = self.engine.train_step(batch, lr)
             self.count_bad_steps(step, stats)
             step, self.window_steps = step + 1, self.window_steps + 1
             batch, bad = self.read_batch(step)  # the next step's, so that every rank learns of a bad one in time
             self.step_seconds = time.perf_counter() - t0
             final = step == self.total_steps
+            if self.profiler:
+                self.profiler.end(step)
+            if step == self.start_step + 1:
+                self.outside_window(self.log_states, step)
+            loss = self.watch_loss(step, stats) if self.spikes else None
             if step % self.log_every == 0 or final:
-                last = self.log_step(step, stats, lr)
+                last = self.log_step(step, stats, lr, loss)
             if self.val_data is not None and (step % self.train.eval_every == 0 or final):
                 last.update(self.outside_window(self.evaluate, step))
             stop = self.stop_reason(step, bad)
@@ -139,17 +151,47 @@ class Trainer:
             self.bad_steps = 0
             return
         self.bad_steps += 1
-        start, stop = step * self.plan.global_batch, (step + 1) * self.plan.global_batch
         loss = self.engine.mean_across_ranks(stats.loss).item()
         log.warning(
             "step %d: non-finite loss or gradients (loss %s, grad norm %s): the update was skipped; global samples "
-            "[%d, %d) (%d consecutive)", step + 1, loss, stats.grad_norm, start, stop, self.bad_steps,
+            "%s (%d consecutive)", step + 1, loss, stats.grad_norm, self.samples_of(step + 1), self.bad_steps,
         )  # fmt: skip
         if self.bad_steps >= self.train.max_bad_steps:
             raise NonFinite(
                 f"{self.bad_steps} consecutive steps with non-finite loss or gradients (train.max_bad_steps), the "
                 f"last at step {step + 1}; the last good checkpoint is {self.checkpoints.latest() or 'none'}"
             )
+
+    def log_states(self, step: int) -> None:
+        """After the first step (when every optimizer has made its states): the model-state bytes this rank holds,
+        on the console and as memory/states_bytes (rank 0's), to check a plan (launch/plan.py) against."""
+        held = self.engine.state_bytes()
+        total = sum(held.values())
+        parts = ", ".join(f"{k} {v / 2**30:.3f}" for k, v in held.items())
+        log.info("rank %d holds %.3f GiB of model states (%s GiB)", self.world.rank, total / 2**30, parts)
+        self.metrics.scalars(
+            step, {"memory/states_bytes": float(total), **{f"memory/{k}_bytes": float(v) for k, v in held.items()}}
+        )
+
+    def samples_of(self, step: int) -> str:
+        """The global sample numbers step `step` (as logged: 1 is the first) trained on, as ranges."""
+        first = (step - 1) * self.plan.global_batch
+        segments = self.data.skips.segments(first, first + self.plan.global_batch)
+        return ", ".join(f"[{a}, {b})" for a, b in segments)
+
+    def watch_loss(self, step: int, stats) -> float:
+        """The step's loss over all ranks, checked for a spike (train.spike_threshold): logged with the samples
+        it trained on, and as the TensorBoard scalar train/loss_spike (its z-score), at that step."""
+        loss = self.engine.mean_across_ranks(stats.loss).item()
+        if self.spikes.update(loss):
+            z = self.spikes.z(loss)
+            log.warning(
+                "step %d: loss spike: %.4f is %.1f standard deviations above the running mean %.4f; global samples "
+                "%s (launch/inspect_step.py RUN_DIR %d shows them; data.skip_samples leaves them out)",
+                step, loss, z, self.spikes.mean, self.samples_of(step), step,
+            )  # fmt: skip
+            self.metrics.scalars(step, {"train/loss_spike": z})
+        return loss
 
     def save_estimate(self) -> float:
         """Seconds that one more step and a save take, from the last ones measured."""
@@ -192,10 +234,14 @@ class Trainer:
             f"saved {self.checkpoints.dir / tag}" + (f" (removed {', '.join(removed)})" if removed else "")
         )
 
-    def log_step(self, step: int, stats, lr: float) -> dict:
-        loss = self.engine.mean_across_ranks(stats.loss).item()
+    def log_step(self, step: int, stats, lr: float, loss: float | None = None) -> dict:
+        """Log the step's scalars; `loss`: its loss over all ranks, when already known."""
+        if loss is None:
+            loss = self.engine.mean_across_ranks(stats.loss).item()
         seconds, steps = time.perf_counter() - self.window_start, self.window_steps
         values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": stats.grad_norm}
+        if stats.z_loss is not None:
+            values["train/z_loss"] = self.engine.mean_across_ranks(stats.z_loss).item()
         values["perf/step_time"] = seconds / steps
         values.update(
             throughput(tokens=steps * self.plan.tokens_per_step, seconds=seconds, flops_per_token=self.flops_per_token,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ..helpers import pretrain, read_metrics, tiny_overrides
+from ..helpers import pretrain, read_metrics, tiny_overrides, tokenize, write_jsonl
 
 STEPS = 8
 PROMPT = "The state of the Union is"
@@ -308,3 +308,70 @@ def test_export_of_a_zero3_run_loads_in_transformers_and_starts_a_new_run(
     start = ours.model.state_dict()
     for name, value in final_weights(cont).items():  # one step at lr 1e-12 moves no weight measurably
         torch.testing.assert_close(value, start[name], rtol=0, atol=1e-8, msg=name)
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory, tokenizer_path, speeches):
+    """On a dataset of paragraphs (windows of 33 tokens hold several documents): with document masking and restarted
+    positions on 1 rank (ZeRO-1, accumulating 2 micro-batches), on 2 ranks under ZeRO-3 with activation
+    checkpointing (torchrun), and without masking on 1 rank."""
+    root = tmp_path_factory.mktemp("masked")
+    paragraphs = [p.strip() for s in speeches[:20] for p in s.read_text(encoding="utf-8").split("\n") if p.strip()]
+    data = root / "paragraphs"
+    assert tokenize([write_jsonl(root / "paragraphs.jsonl", paragraphs)], data, tokenizer_path) == 0
+    common = [
+        "train.global_batch_seqs=8",
+        "train.micro_batch_seqs=4",
+        "train.max_steps=4",
+        "train.eval_every=4",
+        "train.eval_batches=2",
+        "logging.log_every=1",
+    ]
+    masking = ["model.document_masking=true", "model.document_positions=true"]
+    setups = {
+        "ref": ("python", 1, masking + ["train.ds_config=ds_configs/zero1.json"]),
+        "zero3_ckpt": (
+            "torchrun", 2, masking + ["train.ds_config=ds_configs/zero3.json", "model.activation_checkpointing=true"]
+        ),
+        "plain": ("python", 1, ["train.ds_config=ds_configs/zero1.json"]),
+    }  # fmt: skip
+    out = {}
+    for name, (kind, nproc, extra) in setups.items():
+        run_dir = root / name
+        result = pretrain(kind, nproc, tiny_overrides(tokenizer_path, data, run_dir) + common + extra)
+        assert result.returncode == 0, f"{name}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        out[name] = run_dir
+    return out
+
+
+def test_document_masking_trains_alike_under_zero3_with_activation_checkpointing(masked):
+    ref, zero3 = by_step(masked["ref"], "train/loss"), by_step(masked["zero3_ckpt"], "train/loss")
+    assert sorted(ref) == sorted(zero3) == [1, 2, 3, 4]
+    for step in ref:
+        assert zero3[step] == pytest.approx(ref[step], rel=1e-5), step
+    assert by_step(masked["zero3_ckpt"], "eval/loss")[4] == pytest.approx(
+        by_step(masked["ref"], "eval/loss")[4], rel=1e-4
+    )
+    plain = by_step(masked["plain"], "train/loss")  # the same data and weights without masking
+    # at the start the near-uniform attention of a fresh model hides the mask; once it has learnt a little it shows
+    assert plain[1] == pytest.approx(ref[1], rel=1e-6) and plain[4] != pytest.approx(ref[4], rel=1e-4)
+    config = (masked["ref"] / "config.yaml").read_text()
+    assert "document_masking: true" in config and "eod_id: 2" in config  # the tokenizer's, recorded
+
+
+def test_a_compiled_model_trains_as_the_eager_one(tmp_path, runs, tokenizer_path, tiny_dataset):
+    """train.compile (torch.compile through DeepSpeed, inductor's C++ backend on this CPU): the same losses as the
+    eager 1-rank ZeRO-1 run of the `runs` fixture, within float reassociation."""
+    run_dir = tmp_path / "compiled"
+    args = tiny_overrides(tokenizer_path, tiny_dataset, run_dir) + [
+        "train.global_batch_seqs=8", "train.micro_batch_seqs=4", f"train.max_steps={STEPS}", "train.eval_every=4",
+        "train.eval_batches=2", "logging.log_every=1", "optim.grad_clip=0.05", "train.compile=true",
+    ]  # fmt: skip
+    result = pretrain("python", 1, args, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    eager, compiled = by_step(runs["ref"][0], "train/loss"), by_step(run_dir, "train/loss")
+    assert sorted(compiled) == sorted(eager)
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-5)  # the same weights: only the kernels differ
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=2e-4), step
+    assert by_step(run_dir, "eval/loss")[8] == pytest.approx(by_step(runs["ref"][0], "eval/loss")[8], rel=2e-4)

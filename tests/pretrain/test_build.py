@@ -50,3 +50,19 @@ def test_a_run_dir_that_cannot_be_written_is_bad_input(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="train.run_dir: cannot write in"):
         open_attempt(tmp_path / "file" / "run")
+
+
+def test_document_masking_takes_the_end_of_document_id_from_the_tokenizer():
+    from types import SimpleNamespace
+
+    from pretrain.build import resolve
+    from pretrain.config import ConfigError, RunConfig
+
+    tok = SimpleNamespace(vocab_size=1000, eod_id=2)
+    cfg = RunConfig()
+    assert resolve(cfg, tok).model.eod_id is None  # without document masking none is recorded, as before
+    cfg.model.document_masking = True
+    assert resolve(cfg, tok).model.eod_id == 2 and cfg.model.eod_id is None  # a copy
+    cfg.model.eod_id = 7
+    with pytest.raises(ConfigError, match="model.eod_id: 7 is not the tokenizer's end-of-document id 2"):
+        resolve(cfg, tok)

@@ -155,6 +155,12 @@ def test_check_allows_what_may_change(tmp_path, world):
     m.check(tmp_path, saved)
     manager(tmp_path, world, run=run_meta(zero_stage=2)).check(tmp_path, saved)  # ZeRO-1 -> 2
     manager(tmp_path, world, run=run_meta(world_size=3)).check(tmp_path, saved)  # any number of ranks
+    older = dataclasses.replace(saved, config={**saved.config, "model": dict(saved.config["model"])})
+    del older.config["model"]["document_masking"]  # saved before the key existed: its default, the same model
+    manager(tmp_path, world).check(tmp_path, older)
+    masked = dataclasses.replace(MODEL, document_masking=True, eod_id=2)
+    with pytest.raises(CheckpointError, match="model.document_masking: False -> True"):
+        manager(tmp_path, world, run=run_meta(model=masked)).check(tmp_path, older)
 
 
 def test_find_decides_on_the_universal_format(tmp_path, world, ds_json):

@@ -51,6 +51,7 @@ def test_every_named_config_loads():
         (["data.datasets=[{path: d, weight: 0}]"], r"data.datasets\[0\].weight: 0.0 must be positive"),
         (["data.datasets=[{path: d, wieght: 2}]"], r"data.datasets\[0\].wieght: unknown key \(did you mean weight\?\)"),
         (["optim.min_lr=1.0"], "optim.min_lr: 1.0 is above optim.lr"),
+        (["model.document_positions=true"], "model.document_positions: needs model.document_masking"),
         (["train"], "train: an override is key=value"),
     ],
 )

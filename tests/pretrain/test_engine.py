@@ -156,6 +156,31 @@ def test_non_finite_step_is_not_applied(world, ds_json, stage):
     assert not all(torch.equal(a, p) for a, p in zip(before[0], engine.module.parameters()))
 
 
+def test_z_loss_is_added_to_the_loss_and_reported_apart(world, ds_json):
+    import torch
+
+    from pretrain.config import ModelConfig, OptimConfig, TrainConfig
+    from pretrain.engine import Engine
+
+    from ..helpers import random_batches
+
+    def engine(z):
+        train = TrainConfig(ds_config=ds_json(0), micro_batch_seqs=2, global_batch_seqs=4)
+        e = Engine(OptimConfig(lr=1e-2, warmup_steps=0, z_loss=z), train, plan_of(global_batch=4, micro=2))
+        e.build(ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, seq_len=16), seed=0)
+        return e
+
+    plain, z = engine(0.0), engine(1e-2)
+    batches = random_batches(0)
+    with torch.no_grad():
+        lse = [torch.logsumexp(z.module(b[:, :-1]).float(), dim=-1).pow(2).mean() for b in batches]
+    a, b = plain.train_step(batches, 1e-2), z.train_step(batches, 1e-2)
+    assert a.z_loss is None
+    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-6)  # the loss reported is the cross-entropy
+    assert b.z_loss.item() == pytest.approx(1e-2 * sum(lse).item() / 2, rel=1e-5)
+    assert not all(torch.equal(p, q) for p, q in zip(plain.module.parameters(), z.module.parameters()))
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_starting_weights_reach_the_fp32_master_weights_under_bf16(world, ds_json, stage):
     """train.init_from under bf16: the module holds bf16 copies, but DeepSpeed's fp32 master weights (what training

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain.config import BatchPlan, OptimConfig, TrainConfig
-from pretrain.data import DataError, SampleError
+from pretrain.data import DataError, SampleError, Skips
 from pretrain.distributed import World
 from pretrain.engine import StepStats, lr_at
 from pretrain.errors import LauncherGone, NonFinite, Stopped
@@ -28,13 +28,14 @@ class FakeEngine:
     bad: set = field(default_factory=set)
     calls: list = field(default_factory=list)  # (batch, lr) of every train_step
     evals: int = 0
+    losses: dict = field(default_factory=dict)  # step -> loss, instead of 10 - step
 
     def train_step(self, batch, lr):
         step = batch[0]
         self.calls.append((batch, lr))
         if step in self.bad:
             return StepStats(loss=torch.tensor(float("nan")), grad_norm=float("inf"), applied=False)
-        return StepStats(loss=torch.tensor(10.0 - step), grad_norm=1.0, applied=True)
+        return StepStats(loss=torch.tensor(self.losses.get(step, 10.0 - step)), grad_norm=1.0, applied=True)
 
     def logits(self, tokens):  # uniform over 8 ids: an eval loss of ln 8
         self.evals += 1
@@ -43,10 +44,14 @@ class FakeEngine:
     def mean_across_ranks(self, value):
         return value.detach().float()
 
+    def state_bytes(self):
+        return {"weights": 400, "gradients": 0, "optimizer": 800}
+
 
 @dataclass
 class FakeData:
     bad_at: set = field(default_factory=set)  # steps whose batch holds a token outside the vocab
+    skips: Skips = field(default_factory=Skips)
 
     def batch(self, step, plan, rank):
         if step in self.bad_at:
@@ -245,3 +250,41 @@ def test_a_bad_sample_saves_then_stops_every_rank(tmp_path):
     with t, pytest.raises(SampleError):
         t.fit()
     assert t.checkpoints.saved == [] and t.engine.calls == []
+
+
+def test_a_loss_spike_is_logged_with_its_samples(tmp_path, caplog):
+    from pretrain.metrics import LossWatch
+
+    with make(tmp_path, steps=40, log_every=10, eval_every=0, spike_window=20, spike_threshold=6.0) as t:
+        t.engine.losses = {s: 5.0 + 0.01 * math.sin(s) for s in range(40)}
+        t.engine.losses[30] = 5.5  # step 31 as logged; samples [120, 124)
+        t.data.skips = Skips([[121, 122]])  # one of them left out: the step took 125 instead
+        t.fit()
+    spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
+    assert len(spikes) == 1 and spikes[0].startswith("step 31: loss spike: 5.5000 is ")
+    assert "global samples [120, 121), [122, 125) (launch/inspect_step.py RUN_DIR 31 shows them" in spikes[0]
+    m = logged(tmp_path)
+    assert [s for s in m if "train/loss_spike" in m[s]] == [31] and m[31]["train/loss_spike"] > 6
+    assert m[40]["train/loss"] == pytest.approx(5.0 + 0.01 * math.sin(39))  # the loss computed once, logged
+    watch = LossWatch(window=20, threshold=6.0)
+    assert not any(watch.update(5.0 + 0.01 * math.sin(s)) for s in range(30))
+    mean = watch.mean
+    assert watch.update(5.5) and watch.mean == mean  # a spike does not move the statistic
+    assert not watch.update(float("nan")) and not watch.update(5.0)
+
+
+def test_the_profiler_writes_a_chrome_trace_of_its_window(tmp_path):
+    from pretrain.profiler import PROFILE_DIR, StepProfiler
+
+    with make(tmp_path, steps=6, eval_every=0) as t:
+        t.profiler = StepProfiler(tmp_path, 2, 3, rank=0)
+        t.fit()
+    traces = list((tmp_path / PROFILE_DIR).glob("rank0.*.pt.trace.json"))
+    assert len(traces) == 1
+    trace = json.loads(traces[0].read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"train step 2", "train step 3"} <= names and "train step 4" not in names  # the window's steps, marked
+    assert all({"ph", "name"} <= e.keys() for e in trace["traceEvents"])
+    with make(tmp_path / "off", steps=3, eval_every=0) as t:
+        t.fit()
+    assert not (tmp_path / "off" / PROFILE_DIR).exists()
