@@ -1,6 +1,6 @@
 """Training throughput: our DeepSpeed engine against a plain PyTorch loop of the same model, and MFU.
 
-    .venv/bin/python bench/train.py                 # about 5 minutes on 2 cores
+    .venv/bin/python bench/train.py                 # about 8 minutes on 2 cores (more on a slow day)
     .venv/bin/python bench/train.py --steps 3 --rounds 1
 
 One process, fp32, 2 threads. The model is the one the issue fixes: 6 layers, d_model 384, 6 heads, seq 256,
