@@ -16,6 +16,7 @@ import atexit
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from pretrain import slurm
 
@@ -95,7 +96,30 @@ def init_distributed() -> World:
         accelerator.set_device(world.local_rank)
     deepspeed.init_distributed(verbose=False)
     atexit.register(leave_distributed)
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=world.local_rank)
+    world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=world.local_rank)
+    if accelerator.device_name() == "cpu":
+        release_shm_workspace(world)
+    return world
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_workspace(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU backend (0.19) makes for `rank` of the group at MASTER_ADDR:PORT
+    when every rank is on one machine (LOCAL_SIZE = WORLD_SIZE, as its launcher sets): 66 MB for its shared-memory
+    all-reduce (csrc/cpu/comm/shm.cpp names it so)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_workspace(world: World) -> None:
+    """DeepSpeed never unlinks the segments of `shm_workspace`: each run on one CPU machine left 66 MB of memory per
+    rank in /dev/shm, until a machine that ran many ran out of memory. Every rank maps every rank's segment inside
+    deepspeed.init_distributed, so after a barrier each rank removes its own name: the mappings stay valid, and the
+    memory is freed when the last rank exits, however it exits (kill -9 included)."""
+    world.barrier()  # (a group of one, started by the deepspeed launcher, has its segment too)
+    shm_workspace(world.rank).unlink(missing_ok=True)
 
 
 def launch_rank(env) -> int:

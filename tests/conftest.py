@@ -7,6 +7,9 @@ the rest are fast unit tests: `pytest -m "not e2e"` runs them alone."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +21,33 @@ from .helpers import tokenize
 E2E = Path(__file__).resolve().parent / "e2e"
 
 
+# DeepSpeed compiles its CPU ops (the shared-memory all-reduce every process group builds, the CPU Adam of ZeRO
+# offload) the first time a process needs them: 40 and 55 s on 2 cores, more under load. Built here once, in one
+# process, before the end-to-end tests, so that no run started under a timeout pays for it (5 s once built), and into
+# this venv's own folder (clones side by side would otherwise rebuild each other's ops in ~/.cache/torch_extensions).
+BUILD_OPS = """
+from deepspeed.accelerator import get_accelerator
+if get_accelerator().device_name() == "cpu":
+    for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+        get_accelerator().create_op_builder(name).load(verbose=False)
+"""
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if E2E in Path(item.fspath).parents:
             item.add_marker(pytest.mark.e2e)
+
+
+def pytest_collection_finish(session):
+    if any(item.get_closest_marker("e2e") for item in session.items):
+        built = subprocess.run([sys.executable, "-c", BUILD_OPS], capture_output=True, text=True)
+        if built.returncode != 0:
+            pytest.exit(f"DeepSpeed's CPU ops did not build:\n{(built.stdout + built.stderr)[-4000:]}", returncode=3)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+from pretrain.distributed import SHM_DIR
+
 from ..helpers import REPO, free_port, run_env
 
 RANK_SCRIPT = """
@@ -43,3 +45,48 @@ def test_ranks_exit_cleanly():
             assert p.returncode == 0 and "terminate called" not in out, (
                 f"round {round} ({how}) rank {r}:\n{out[-2000:]}"
             )
+
+
+HOLD_SCRIPT = """
+import sys
+from pretrain.distributed import init_distributed, shm_workspace
+world = init_distributed()
+world.barrier()  # every rank has released its own
+maps = open("/proc/self/maps").read()
+mapped = [r for r in range(world.size) if f"{shm_workspace(r)} (deleted)" in maps]
+print("mapped", mapped, flush=True)
+sys.stdin.read()  # held until killed
+"""
+
+
+def test_shm_workspaces_are_released_even_when_the_ranks_are_killed():
+    """DeepSpeed's CPU backend gives each rank of a one-machine group (LOCAL_SIZE = WORLD_SIZE, as its launcher sets)
+    a 66 MB segment in /dev/shm and never removes it: the suite's runs once filled a CI machine's memory that way.
+    Ranks killed with SIGKILL right after joining still leave nothing, while each had mapped both segments."""
+    port = free_port()
+    env = {**run_env(), "WORLD_SIZE": "2", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLD_SCRIPT],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        for r, p in enumerate(ranks):
+            out = []
+            for line in p.stdout:  # until the rank has joined (its DeepSpeed and deprecation chatter before)
+                out.append(line)
+                if line.startswith("mapped"):
+                    break
+            assert out[-1] == "mapped [0, 1]\n", f"rank {r}:\n{''.join(out)[-2000:]}"
+    finally:
+        for p in ranks:
+            p.kill()
+            p.wait()
+    assert sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*")) == []
