@@ -13,12 +13,16 @@ without a process group.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain import slurm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,13 @@ def init_distributed() -> World:
     world = World(rank=int(os.environ["RANK"]), size=int(os.environ.get("WORLD_SIZE", "1")),
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
     slurm.check_world(os.environ, world.size)
+    if world.local_rank == 0:  # (the build folders are the node's)
+        for lock, age in stale_build_locks():
+            log.warning(
+                f"{lock} is {age / 60:.0f} min old: a build of a DeepSpeed op in that folder was killed (kill -9, a "
+                "job's time limit) or is still running elsewhere. If none is running, delete the file: a run that "
+                "needs the op waits for it forever"
+            )
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":  # before any collective: one device per rank (DeepSpeed does the same)
         check_device(world.local_rank, accelerator.device_count())
@@ -120,6 +131,30 @@ def release_shm_workspace(world: World) -> None:
     memory is freed when the last rank exits, however it exits (kill -9 included)."""
     world.barrier()  # (a group of one, started by the deepspeed launcher, has its segment too)
     shm_workspace(world.rank).unlink(missing_ok=True)
+
+
+BUILD_LOCK_STALE_SECONDS = 300
+
+
+def stale_build_locks(now: float | None = None) -> list[tuple[Path, float]]:
+    """The lock files older than 5 minutes in torch's extension build folders ($TORCH_EXTENSIONS_DIR, or
+    ~/.cache/torch_extensions/<python>_<accelerator>), with their ages in seconds. DeepSpeed compiles some ops the
+    first time a process needs them (on a CPU, the shared-memory all-reduce inside init_distributed); torch's builder
+    holds a `lock` file in the op's folder while it compiles (a minute or two), and a process that finds one waits,
+    without a word and without end, for it to go: a build that was killed leaves it behind."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    found = []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # a build that ended just now
+            continue
+        if age > BUILD_LOCK_STALE_SECONDS:
+            found.append((lock, age))
+    return found
 
 
 def launch_rank(env) -> int:
