@@ -45,7 +45,11 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     if any(item.get_closest_marker("e2e") for item in session.items):
-        built = subprocess.run([sys.executable, "-c", BUILD_OPS], capture_output=True, text=True)
+        try:
+            built = subprocess.run([sys.executable, "-c", BUILD_OPS], capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            locks = sorted(Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock"))
+            pytest.exit(f"DeepSpeed's CPU ops did not build in 15 min; build locks (a killed build's?): {locks}", 3)
         if built.returncode != 0:
             pytest.exit(f"DeepSpeed's CPU ops did not build:\n{(built.stdout + built.stderr)[-4000:]}", returncode=3)
 
