@@ -48,8 +48,10 @@ def pytest_collection_finish(session):
         try:
             built = subprocess.run([sys.executable, "-c", BUILD_OPS], capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
-            locks = sorted(Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock"))
-            pytest.exit(f"DeepSpeed's CPU ops did not build in 15 min; build locks (a killed build's?): {locks}", 3)
+            from pretrain.distributed import stale_build_locks
+
+            locks = [str(lock) for lock, _ in stale_build_locks()]
+            pytest.exit(f"DeepSpeed's CPU ops did not build in 15 min; stale build locks: {locks}", 3)
         if built.returncode != 0:
             pytest.exit(f"DeepSpeed's CPU ops did not build:\n{(built.stdout + built.stderr)[-4000:]}", returncode=3)
 
